@@ -1,0 +1,167 @@
+"""The `keras-llm` command line.
+
+    keras-llm generate --model smollm2 --prompt "..." [--chat] [--json] ...
+    keras-llm tokenize --model smollm2 --text "..." [--json]
+    keras-llm import --model FILE.gguf --output DIR
+
+Bad input ends with a one-line error on stderr and exit status 2; nothing
+prints a traceback unless KERAS_LLM_DEBUG=1.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+class UsageError(Exception):
+    """A user mistake: reported in one line."""
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_model(parser):
+    parser.add_argument("--model", default="smollm2",
+                        help="preset name (smollm2), model directory, .keras/.h5 or .gguf file")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer for a bare .keras/.h5 file (default: beside it)")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="allow model files that run Python code on load (Lambda layers)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="keras-llm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for a prompt")
+    _add_model(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--system", default=None, help="system message for --chat")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=_positive_int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    tok = commands.add_parser("tokenize", help="print the token ids of a text")
+    _add_model(tok)
+    tok.add_argument("--text", required=True)
+    tok.add_argument("--chat", action="store_true")
+    tok.add_argument("--json", action="store_true")
+
+    imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
+    imp.add_argument("--model", required=True, help="the .gguf file")
+    imp.add_argument("--output", required=True, help="model directory to write")
+    return parser
+
+
+def _load(args):
+    from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
+
+    return load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer,
+                stream_chunk=8)
+
+
+def cmd_generate(args):
+    if not args.prompt:
+        raise UsageError("empty prompt")
+    lm = _load(args)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    lm.sampling_params(**sampling)  # validate before any work
+    prompt_ids = lm.encode(args.prompt, chat=args.chat, system=args.system)
+    completion = None
+    for item in lm.stream(prompt_ids, **sampling):
+        if isinstance(item, tuple):
+            if not args.json:
+                sys.stdout.write(item[0])
+                sys.stdout.flush()
+        else:
+            completion = item
+    if args.json:
+        record = {
+            "model": args.model,
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "prompt_token_ids": completion.prompt_token_ids,
+            "finish_reason": completion.finish_reason,
+            "time_to_first_token_s": round(completion.time_to_first_token_s, 6),
+            "decode_tokens_per_s": round(completion.decode_tokens_per_s, 3),
+        }
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+def cmd_tokenize(args):
+    from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
+
+    if args.model.endswith((".keras", ".h5", ".hdf5")) or args.model.endswith(".gguf"):
+        lm = load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer)
+        tokenizer = lm.tokenizer
+    else:
+        tokenizer = _tokenizer_only(args.model, args)
+    text = tokenizer.apply_chat_template(args.text) if args.chat else args.text
+    ids = tokenizer.encode(text)
+    if args.json:
+        print(json.dumps({"ids": ids}))
+    else:
+        print(" ".join(str(i) for i in ids))
+
+
+def _tokenizer_only(spec, args):
+    """Load just the tokenizer of a preset or model directory (fast path)."""
+    from keras_llm import presets, saving  # pylint: disable=import-outside-toplevel
+    from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
+    from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
+
+    directory = presets.preset_dir(spec) if spec in presets.PRESETS else spec
+    if saving.is_model_dir(directory):
+        return BytePairTokenizer.load_assets(directory)
+    return load(spec, safe_mode=not args.unsafe, tokenizer=args.tokenizer).tokenizer
+
+
+def cmd_import(args):
+    from keras_llm import gguf_import, saving  # pylint: disable=import-outside-toplevel
+
+    model, tokenizer, metadata = gguf_import.load_gguf(args.model)
+    path = saving.save_model_dir(args.output, model, tokenizer, metadata)
+    print(path)
+
+
+COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "import": cmd_import}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import keras_llm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("keras-llm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as error:  # pylint: disable=broad-except
+        if os.environ.get("KERAS_LLM_DEBUG") == "1":
+            raise
+        message = str(error).strip().splitlines()
+        message = message[0] if message else type(error).__name__
+        if not isinstance(error, (UsageError, ValueError, OSError, TypeError)):
+            message = f"{type(error).__name__}: {message}"
+        print(f"keras-llm: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Causal grouped-query attention with RoPE and an optional KV cache."""
+
+import tensorflow as tf
+import tf_keras as keras
+
+from keras_llm.layers.kv_cache import current_cache_context
+from keras_llm.layers.rotary import apply_rotary
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class CachedAttention(keras.layers.Layer):
+    """The weightless core of attention: RoPE, scores, mask, softmax, mix.
+
+    The projections around it are plain `Dense` layers of the model, so
+    TF-MOT can prune and quantize them. Scores and softmax run in float32.
+
+    Called on `[query, key, value]` projections, `(B, T, H*D)`,
+    `(B, T, KV*D)`, `(B, T, KV*D)`, it returns `(B, T, H*D)`. Without a cache
+    context it attends causally within the call; inside an active
+    `KVCacheContext` it writes this call's keys and values into the cache slot
+    of `layer_index` and attends over the whole cache.
+
+    Args:
+        num_query_heads: H.
+        num_key_value_heads: KV; H must be a multiple of it.
+        head_dim: D.
+        rope_theta: RoPE base.
+        layer_index: which cache entry this layer owns.
+        max_sequence_length: longest sequence (prompt plus generation).
+
+    Example:
+        >>> att = CachedAttention(4, 2, 8, 10000.0, layer_index=0)
+        >>> out = att([tf.zeros([1, 5, 32]), tf.zeros([1, 5, 16]), tf.zeros([1, 5, 16])])
+    """
+
+    def __init__(self, num_query_heads, num_key_value_heads, head_dim,
+                 rope_theta=10000.0, layer_index=0, max_sequence_length=2048,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError("num_query_heads must be a multiple of num_key_value_heads")
+        self.num_query_heads = int(num_query_heads)
+        self.num_key_value_heads = int(num_key_value_heads)
+        self.head_dim = int(head_dim)
+        self.rope_theta = float(rope_theta)
+        self.layer_index = int(layer_index)
+        self.max_sequence_length = int(max_sequence_length)
+
+    def call(self, inputs):
+        query, key, value = inputs
+        heads, kv_heads, dim = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        groups = heads // kv_heads
+        batch, length = tf.shape(query)[0], tf.shape(query)[1]
+        query = tf.reshape(query, [batch, length, heads, dim])
+        key = tf.reshape(key, [batch, length, kv_heads, dim])
+        value = tf.reshape(value, [batch, length, kv_heads, dim])
+
+        context = current_cache_context()
+        if context is None:
+            positions = tf.range(length)[tf.newaxis, :]  # (1, T)
+        else:
+            positions = context.positions(length)  # (B, T)
+        query = apply_rotary(query, positions, self.rope_theta)
+        key = tf.cast(apply_rotary(key, positions, self.rope_theta), value.dtype)
+
+        key = tf.transpose(key, [0, 2, 1, 3])  # (B, KV, T, D)
+        value = tf.transpose(value, [0, 2, 1, 3])
+        if context is None:
+            keys, values = key, value
+            causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
+            mask = causal[tf.newaxis, tf.newaxis, tf.newaxis]  # (1, 1, 1, T, T)
+        else:
+            keys, values = context.update(self.layer_index, key, value)  # (B, KV, S, D)
+            mask = context.attention_mask(length, tf.shape(keys)[2])  # (B, 1, 1, T, S)
+
+        query = tf.reshape(query, [batch, length, kv_heads, groups, dim])
+        query = tf.transpose(query, [0, 2, 3, 1, 4]) * (dim ** -0.5)  # (B, KV, G, T, D)
+        scores = tf.einsum("bkgtd,bksd->bkgts", query, tf.cast(keys, tf.float32))
+        scores = tf.where(mask, scores, tf.constant(-1e30, tf.float32))
+        probs = tf.nn.softmax(scores, axis=-1)
+        mixed = tf.einsum("bkgts,bksd->bkgtd", tf.cast(probs, values.dtype), values)
+        mixed = tf.transpose(mixed, [0, 3, 1, 2, 4])  # (B, T, KV, G, D)
+        return tf.cast(tf.reshape(mixed, [batch, length, heads * dim]), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        query_shape = tf.TensorShape(input_shape[0])
+        return query_shape[:-1].concatenate([self.num_query_heads * self.head_dim])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "layer_index": self.layer_index,
+            "max_sequence_length": self.max_sequence_length,
+        }

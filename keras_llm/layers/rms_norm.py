@@ -1,0 +1,37 @@
+"""Root-mean-square layer normalization."""
+
+import tensorflow as tf
+import tf_keras as keras
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class RMSNorm(keras.layers.Layer):
+    """RMSNorm: `x / sqrt(mean(x**2) + epsilon) * scale`, computed in float32.
+
+    Args:
+        epsilon: added to the mean square before the square root.
+
+    Example:
+        >>> y = RMSNorm(epsilon=1e-5)(tf.ones([2, 3, 8]))
+    """
+
+    def __init__(self, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="ones",
+            trainable=True,
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x = tf.cast(inputs, tf.float32)
+        variance = tf.reduce_mean(tf.square(x), axis=-1, keepdims=True)
+        x = x * tf.math.rsqrt(variance + self.epsilon)
+        x = x * tf.cast(self.scale, tf.float32)
+        return tf.cast(x, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
