@@ -1,0 +1,74 @@
+"""Test helpers shared by the suite: tiny models and round-trip checks."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from keras_llm.config import LlamaConfig
+from keras_llm.models import build_llama
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference" / "smollm2_reference.json"
+
+
+def load_reference():
+    if not REFERENCE.is_file():
+        return None
+    with open(REFERENCE, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def tiny_model(seed=0, **overrides):
+    """A few-thousand-parameter Llama with random (but fixed) weights.
+
+    Weights are scaled up from Keras' defaults so that logits are far apart
+    and greedy choices are not decided by float rounding.
+    """
+    keras.utils.set_random_seed(seed)
+    values = {**LlamaConfig.named("tiny").to_dict(), **overrides}
+    model = build_llama(LlamaConfig(**values))
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    return model
+
+
+def assert_layer_round_trip(layer, inputs):
+    """`from_config(get_config())` rebuilds a layer that computes the same."""
+    expected = layer(inputs)
+    clone = layer.__class__.from_config(layer.get_config())
+    clone(inputs)
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == layer.get_config()
+    np.testing.assert_allclose(clone(inputs).numpy(), expected.numpy(), rtol=0, atol=0)
+
+
+def assert_saved_model_round_trip(model, path, inputs):
+    """Saving to `path` and `tf.keras.models.load_model` gives the same outputs."""
+    expected = model(inputs).numpy()
+    model.save(path)
+    loaded = tf.keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(loaded(inputs).numpy(), expected)
+    return loaded
+
+
+def byte_level_tokenizer(merges=(), specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
+    """A tiny GPT-2-style tokenizer: special tokens, 256 byte symbols, merges."""
+    from keras_llm.tokenizer import BytePairTokenizer, bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode())
+    vocabulary = list(specials) + alphabet + ["".join(m.split(" ")) for m in merges]
+    return BytePairTokenizer(vocabulary, list(merges), special_tokens=list(specials),
+                             eos_id=specials.index("<|im_end|>") if "<|im_end|>" in specials else None,
+                             pad_id=0, bos_id=None, unk_id=None,
+                             chat_template=None)
+
+
+def env_without_keras_llm_home(tmp_path):
+    env = dict(os.environ)
+    env["KERAS_LLM_HOME"] = str(tmp_path)
+    return env
