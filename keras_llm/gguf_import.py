@@ -55,11 +55,16 @@ def config_from_gguf(reader, context_length=None):
         num_key_value_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(get("rope.dimension_count", hidden // heads)),
         intermediate_dim=int(get("feed_forward_length")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_norm_epsilon=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_float32(get("rope.freq_base", 10000.0)),
+        rms_norm_epsilon=_float32(get("attention.layer_norm_rms_epsilon", 1e-5)),
         context_length=int(context_length or get("context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
     )
+
+
+def _float32(value):
+    """GGUF stores float32: keep the shortest decimal that reads back the same."""
+    return float(str(np.float32(value)))
 
 
 def unpermute_rope_rows(weight, num_heads):

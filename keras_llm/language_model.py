@@ -67,10 +67,7 @@ class LanguageModel:
             raise ValueError("empty prompt")
         if chat:
             prompt = self.tokenizer.apply_chat_template(prompt, system=system)
-        ids = self.tokenizer.encode(prompt)
-        if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
-            ids = [self.tokenizer.bos_id] + ids
-        return ids
+        return self.tokenizer.encode(prompt)  # adds BOS when the tokenizer says so
 
     def sampling_params(self, max_new_tokens=128, temperature=0.0, top_k=0,
                         top_p=1.0, seed=0, stop_ids=None):
