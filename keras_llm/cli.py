@@ -94,6 +94,7 @@ def cmd_generate(args):
             "finish_reason": completion.finish_reason,
             "time_to_first_token_s": round(completion.time_to_first_token_s, 6),
             "decode_tokens_per_s": round(completion.decode_tokens_per_s, 3),
+            "compile_s": round(completion.compile_s, 3),
         }
         print(json.dumps(record, ensure_ascii=False))
     else:

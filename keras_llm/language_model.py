@@ -20,6 +20,8 @@ class Completion:
         time_to_first_token_s: from the call to the first token.
         decode_tokens_per_s: tokens after the first, per second of decoding,
             for the whole batch.
+        compile_s: XLA compilation before the first token (0 once the
+            shapes have been compiled); not part of the other timings.
     """
 
     text: str
@@ -28,6 +30,7 @@ class Completion:
     finish_reason: str
     time_to_first_token_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    compile_s: float = 0.0
 
 
 class LanguageModel:
@@ -95,7 +98,8 @@ class LanguageModel:
         steps = stats.get("decode_steps", 0) * len(prompt_ids)
         rate = steps / stats["decode_s"] if stats.get("decode_s") else 0.0
         return [Completion(self.tokenizer.decode(r.token_ids), r.token_ids, list(p),
-                           r.finish_reason, stats.get("time_to_first_token_s", 0.0), rate)
+                           r.finish_reason, stats.get("time_to_first_token_s", 0.0), rate,
+                           stats.get("compile_s", 0.0))
                 for r, p in zip(results, prompt_ids)]
 
     def stream(self, prompt, chat=False, system=None, **sampling):
@@ -106,12 +110,11 @@ class LanguageModel:
         decoder = self.tokenizer.stream_decoder()
         stops = set(params.stop_ids)
         generated, reason = [], "length"
-        start = time.perf_counter()
-        first_at = decode_start = None
-        for chunk in self.generator.stream([list(ids)], params):
-            now = time.perf_counter()
+        stats = {}
+        first_at = None
+        for chunk in self.generator.stream([list(ids)], params, stats):
             if first_at is None:
-                first_at = decode_start = now
+                first_at = time.perf_counter()
             new = []
             for token in chunk[0].tolist():
                 if token in stops:
@@ -124,14 +127,14 @@ class LanguageModel:
                 yield delta, new
             if reason == "stop":
                 break
+        decode_s = time.perf_counter() - first_at if first_at else 0.0
         tail = decoder.flush()
         if tail:
             yield tail, []
-        end = time.perf_counter()
-        ttft = (first_at - start) if first_at else 0.0
-        rate = (len(generated) - 1) / (end - decode_start) if decode_start and end > decode_start and len(generated) > 1 else 0.0
+        rate = (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0
         yield Completion(self.tokenizer.decode(generated), generated, list(ids), reason,
-                         ttft, rate)
+                         stats.get("time_to_first_token_s", 0.0), rate,
+                         stats.get("compile_s", 0.0))
 
 
 def load(spec, safe_mode=True, tokenizer=None, progress=True, **generator_options):

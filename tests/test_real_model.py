@@ -1,0 +1,74 @@
+"""The embedded SmolLM2 against the float32 reference (marked real_model)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_llm.models import config_from_model
+
+pytestmark = pytest.mark.real_model
+
+
+def test_config_is_smollm2(smollm2):
+    cfg = config_from_model(smollm2.model)
+    assert (cfg.num_layers, cfg.hidden_dim, cfg.num_query_heads, cfg.num_key_value_heads,
+            cfg.intermediate_dim, cfg.vocabulary_size) == (30, 576, 9, 3, 1536, 49152)
+    assert cfg.rope_theta == 100000.0 and cfg.tie_word_embeddings
+    assert smollm2.metadata["source_tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+
+
+def test_prompt_ids_match_reference(smollm2, reference):
+    for item in reference["generation"]:
+        assert smollm2.tokenizer.encode(item["prompt"]) == item["prompt_ids"]
+
+
+def test_last_position_logits_match_reference_top10(smollm2, reference):
+    for item in reference["generation"]:
+        logits = smollm2.model(tf.constant([item["prompt_ids"]])).numpy()[0, -1]
+        top = np.argsort(-logits)[:10].tolist()
+        assert top == item["last_logits_top10_ids"]
+        np.testing.assert_allclose(logits[top], item["last_logits_top10"], atol=1e-3)
+
+
+def test_greedy_24_tokens_match_reference_alone_and_batched(smollm2, reference):
+    prompts = [item["prompt_ids"] for item in reference["generation"]]
+    batched = smollm2.generate_ids(prompts, max_new_tokens=24, stop_ids=())
+    for item, result in zip(reference["generation"], batched):
+        assert result.token_ids == item["greedy24"]
+        alone = smollm2.generate_ids([item["prompt_ids"]], max_new_tokens=24, stop_ids=())[0]
+        assert alone.token_ids == item["greedy24"]
+
+
+def test_streamed_text_equals_reference_text(smollm2, reference):
+    item = reference["generation"][0]
+    deltas, final = [], None
+    for piece in smollm2.stream(item["prompt"], max_new_tokens=24, stop_ids=()):
+        if isinstance(piece, tuple):
+            deltas.append(piece[0])
+        else:
+            final = piece
+    assert final.token_ids == item["greedy24"]
+    assert "".join(deltas) == item["text"] == final.text
+
+
+def test_chat_answer_stops_at_im_end(smollm2):
+    out = smollm2.generate("What is the capital of France?", chat=True, max_new_tokens=48)
+    assert out.finish_reason == "stop"
+    assert "Paris" in out.text
+
+
+def test_cli_generate_json_subprocess(smollm2, reference):
+    item = reference["generation"][0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_llm.cli", "generate", "--model", "smollm2", "--prompt",
+         item["prompt"], "--max-new-tokens", "24", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    assert record["prompt_token_ids"] == item["prompt_ids"]
+    assert record["token_ids"] == item["greedy24"][:len(record["token_ids"])]
+    assert record["decode_tokens_per_s"] > 0 and record["time_to_first_token_s"] > 0
