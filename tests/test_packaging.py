@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import tempfile
 
 from tests.helpers import REPO
 
@@ -27,9 +28,10 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 
 def _python(code):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    with tempfile.TemporaryDirectory() as home:
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=300)
 
 
 def test_legacy_keras_selected_whatever_is_imported_first():
