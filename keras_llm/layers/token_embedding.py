@@ -27,8 +27,10 @@ class TokenEmbedding(keras.layers.Embedding):
             return super().call(inputs)
         hidden = tf.cast(inputs, tf.float32)
         table = tf.cast(self.embeddings, tf.float32)
-        # (B, T, H) x (V, H)^T -> (B, T, V)
-        return tf.einsum("bth,vh->btv", hidden, table)
+        batch, length = tf.shape(hidden)[0], tf.shape(hidden)[1]
+        flat = tf.reshape(hidden, [-1, self.output_dim])  # (B*T, H)
+        logits = tf.matmul(flat, table, transpose_b=True)  # (B*T, V), no transposed copy
+        return tf.reshape(logits, [batch, length, self.input_dim])
 
     def compute_output_shape(self, input_shape):
         return super().compute_output_shape(input_shape)
