@@ -109,50 +109,63 @@ class Generator:
             logits = self.model(token_ids, training=False)  # (B, 1, V)
         return tf.cast(logits[:, -1, :], tf.float32), context.caches
 
-    def _prefill(self, prompt_ids, key_start, cache_length, temperature, top_k,
-                 top_p, seeds, stop_ids):
+    def _prefill(self, prompt_ids, key_start, cache_slots, temperature, top_k,
+                 top_p, seeds, stop_ids, max_new_tokens):
         """Fill the cache with `prompt_ids (B, P)` and sample token 0.
 
+        `cache_slots` only carries the cache length in its static shape `(S,)`,
+        so that one compiled program serves every call of that shape.
         Returns (token (B,), caches, done (B,), lengths (B,)).
         """
         c = self.config
         batch = tf.shape(prompt_ids)[0]
         caches = KVCacheContext.allocate(batch, c.num_layers, c.num_key_value_heads,
-                                         cache_length, c.head_dim, self.cache_dtype)
+                                         tf.shape(cache_slots)[0], c.head_dim, self.cache_dtype)
         logits, caches = self._forward(prompt_ids, caches, 0, key_start)
         token = sample_next(logits, temperature, top_k, top_p, seeds, 0)
-        stopped = tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis, :], axis=-1)
-        return token, caches, stopped, tf.cast(~stopped, tf.int32)
+        none = max_new_tokens <= 0
+        done = tf.zeros_like(none)
+        token, done, lengths = self._account(token, done, tf.zeros_like(key_start), none,
+                                             stop_ids, max_new_tokens, 0)
+        return token, caches, done, lengths
+
+    def _account(self, token, done, lengths, finished, stop_ids, max_new_tokens, step):
+        """Pad finished rows, count tokens, and mark rows done after `step`."""
+        done = done | finished
+        token = tf.where(done, self.pad_id, token)
+        stopped = tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis, :], axis=-1) & ~done
+        lengths += tf.cast(~(done | stopped), tf.int32)
+        done = done | stopped | (step + 1 >= max_new_tokens)
+        return token, done, lengths
 
     def _decode(self, token, caches, done, lengths, first_step, num_steps,
-                prompt_length, key_start, temperature, top_k, top_p, seeds,
-                stop_ids, capacity):
+                prompt_length, key_start, out_slots, temperature, top_k, top_p, seeds,
+                stop_ids, max_new_tokens):
         """Generate up to `num_steps` tokens after `token` (step `first_step - 1`).
 
-        Returns (tokens (B, capacity), steps run, last token, caches, done, lengths).
+        `out_slots` carries the output capacity C in its static shape `(C,)`.
+        Returns (tokens (B, C), steps run, last token, caches, done, lengths).
         """
         batch = tf.shape(token)[0]
+        capacity = tf.shape(out_slots)[0]
         out = tf.fill([batch, capacity], tf.constant(self.pad_id, tf.int32))
         zero = tf.zeros([], tf.int32)
 
         def cond(i, token, caches, done, lengths, out):
-            return (i < num_steps) & ~tf.reduce_all(done)
+            return (i < num_steps) & (i < capacity) & ~tf.reduce_all(done)
 
         def body(i, token, caches, done, lengths, out):
             step = first_step + i
             logits, caches = self._forward(token[:, tf.newaxis], caches,
                                            prompt_length + step - 1, key_start)
             token = sample_next(logits, temperature, top_k, top_p, seeds, step)
-            token = tf.where(done, self.pad_id, token)
-            stopped = tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis, :], axis=-1)
-            lengths += tf.cast(~(done | stopped), tf.int32)
-            done = done | stopped
+            token, done, lengths = self._account(token, done, lengths, tf.zeros_like(done),
+                                                 stop_ids, max_new_tokens, step)
             out = xla.dynamic_update_slice(out, token[:, tf.newaxis], tf.stack([zero, i]))
             return i + 1, token, caches, done, lengths, out
 
         steps, token, caches, done, lengths, out = tf.while_loop(
-            cond, body, (zero, token, caches, done, lengths, out),
-            maximum_iterations=capacity)
+            cond, body, (zero, token, caches, done, lengths, out))
         return out, steps, token, caches, done, lengths
 
     # ----- host side -------------------------------------------------------
@@ -193,6 +206,7 @@ class Generator:
             top_p=tf.fill([batch], tf.constant(params.top_p, tf.float32)),
             seeds=tf.fill([batch], tf.constant(params.seed, tf.int32)),
             stop_ids=tf.constant(list(params.stop_ids) or [-1], tf.int32),
+            max_new_tokens=tf.fill([batch], tf.constant(params.max_new_tokens, tf.int32)),
         )
 
     def stream(self, prompts, params, stats=None):
@@ -222,7 +236,7 @@ class Generator:
             stats["compile_s"] = compile_s
         start = time.perf_counter()
         token, caches, done, lengths = self.prefill_fn(
-            tf.constant(ids), tf.constant(key_start), cache_length, **sampling)
+            tf.constant(ids), tf.constant(key_start), _slots(cache_length), **sampling)
         first = token.numpy()[:, np.newaxis]
         if stats is not None:
             stats["time_to_first_token_s"] = time.perf_counter() - start
@@ -233,7 +247,7 @@ class Generator:
             num_steps = min(capacity, params.max_new_tokens - step)
             out, steps, token, caches, done, lengths = self.decode_fn(
                 token, caches, done, lengths, tf.constant(step), tf.constant(num_steps),
-                tf.constant(prompt_length), tf.constant(key_start), capacity=capacity,
+                tf.constant(prompt_length), tf.constant(key_start), _slots(capacity),
                 **sampling)
             steps = int(steps)
             step += steps
@@ -258,9 +272,10 @@ class Generator:
         start = time.perf_counter()
         ids = tf.fill([batch, prompt_length], tf.constant(self.pad_id, tf.int32))
         key_start = tf.zeros([batch], tf.int32)
-        token, caches, done, lengths = self.prefill_fn(ids, key_start, cache_length, **sampling)
+        token, caches, done, lengths = self.prefill_fn(ids, key_start, _slots(cache_length),
+                                                       **sampling)
         out, *_ = self.decode_fn(token, caches, done, lengths, tf.constant(1), tf.constant(1),
-                                 tf.constant(prompt_length), key_start, capacity=capacity,
+                                 tf.constant(prompt_length), key_start, _slots(capacity),
                                  **sampling)
         out.numpy()
         self._compiled.add(key)
@@ -283,16 +298,20 @@ class Generator:
         return _collect(tokens, prompts, params)
 
 
+def _slots(length):
+    """A tensor whose only purpose is its static shape `(length,)`."""
+    return tf.zeros([length], tf.int8)
+
+
 def _collect(tokens, prompts, params):
     stops = set(int(s) for s in params.stop_ids)
     results = []
     for row, prompt in enumerate(prompts):
         ids, reason = [], "length"
-        for t in tokens[row].tolist():
+        for t in tokens[row, :params.max_new_tokens].tolist():
             if t in stops:
                 reason = "stop"
                 break
             ids.append(t)
-        ids = ids[:params.max_new_tokens]
         results.append(Generation(ids, reason, len(prompt)))
     return results
