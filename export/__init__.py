@@ -1,5 +1,5 @@
-"""SavedModel export in TF Serving layout (`<base>/<name>/<version>/`).
+"""SavedModel export in TF Serving layout (`<base>/<name>/<version>/`)."""
 
-Built on `keras_llm`'s model and generation functions; see the project's
-issue tracker for the export work in progress.
-"""
+from export.saved_model import ExportError, GenerationModule, export_model
+
+__all__ = ["ExportError", "GenerationModule", "export_model"]

@@ -2,6 +2,7 @@
 
     keras-llm generate --model smollm2 --prompt "..." [--chat] [--json] ...
     keras-llm tokenize --model smollm2 --text "..." [--json]
+    keras-llm export --model smollm2 --model_base_path DIR --model_name NAME
     keras-llm import --model FILE.gguf --output DIR
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
@@ -55,6 +56,22 @@ def build_parser():
     tok.add_argument("--text", required=True)
     tok.add_argument("--chat", action="store_true")
     tok.add_argument("--json", action="store_true")
+
+    exp = commands.add_parser("export", help="write a SavedModel in TF Serving layout")
+    _add_model(exp)
+    exp.add_argument("--model_base_path", "--model-base-path", dest="model_base_path",
+                     required=True)
+    exp.add_argument("--model_name", "--model-name", dest="model_name", required=True)
+    exp.add_argument("--version", type=int, default=None,
+                     help="version number (default: the next free one)")
+    exp.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    exp.add_argument("--xla", dest="xla", action="store_true", default=True,
+                     help="XLA-compile the decode loop (default; TF Serving then needs "
+                          "--xla_cpu_compilation_enabled)")
+    exp.add_argument("--no-xla", dest="xla", action="store_false")
+    exp.add_argument("--chat", action="store_true",
+                     help="apply the chat template to string prompts inside the graph")
+    exp.add_argument("--no-warmup", dest="warmup", action="store_false")
 
     imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
     imp.add_argument("--model", required=True, help="the .gguf file")
@@ -137,7 +154,18 @@ def cmd_import(args):
     print(path)
 
 
-COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "import": cmd_import}
+def cmd_export(args):
+    from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
+
+    path = export_model(args.model, args.model_base_path, args.model_name,
+                        version=args.version, max_new_tokens=args.max_new_tokens,
+                        jit_compile=args.xla, chat=args.chat, safe_mode=not args.unsafe,
+                        warmup=args.warmup)
+    print(path)
+
+
+COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_export,
+            "import": cmd_import}
 
 
 def main(argv=None):

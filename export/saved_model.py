@@ -1,0 +1,375 @@
+"""Export a keras-llm model as a SavedModel in TF Serving layout.
+
+`export_model` writes `<model_base_path>/<model_name>/<version>/` with:
+
+- `serving_default`: `prompt` (string `[-1]`) -> `text` (string `[-1]`),
+  `token_ids` (int32 `[-1, -1]`, padded with the pad id), `num_tokens`
+  (int32 `[-1]`); greedy, with the max new tokens and stop ids set at export.
+- `generate`: the same plus per-row `max_new_tokens`, `temperature`,
+  `top_p`, `top_k` and `seed`.
+- `generate_ids`: `token_ids` `[-1, -1]` + `num_tokens` `[-1]` (prompt ids,
+  right-padded) plus the sampling inputs -> `token_ids`, `num_tokens`.
+- `score`: `token_ids` + `num_tokens` -> `log_probs` `[-1, -1]` (position t
+  holds log p(token t | tokens before it); 0 at position 0 and in padding)
+  and `total_log_prob` `[-1]`.
+
+Tokenization, the whole decode loop and detokenization are TensorFlow and
+tensorflow-text ops traced from keras-llm's own model and `Generator`, so
+`tensorflow_model_server` (which links TF Text ops) can run them. The decode
+loop is XLA-compiled unless exported with `jit_compile=False`.
+
+Beside the SavedModel files: `assets/keras_llm.json` (metadata) and
+`assets.extra/tf_serving_warmup_requests` (warm-up `PredictionLog`s). Beside
+the version directories: `batching_parameters.pbtxt` and `models.config`
+examples for TF Serving.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+import keras_llm
+from keras_llm.generation import Generator
+
+SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
+METADATA_ASSET = "keras_llm.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+WARMUP_PROMPTS = ("Hello!", "The capital of France is")
+
+
+class ExportError(ValueError):
+    """Bad export arguments; nothing was written."""
+
+
+def _round_up(value, multiple):
+    return (value + multiple - 1) // multiple * multiple
+
+
+class GenerationModule(tf.Module):
+    """The object `tf.saved_model.save` writes: model, tokenizer, signatures.
+
+    Args:
+        lm: a `keras_llm.LanguageModel`.
+        max_new_tokens: default (and upper bound) of new tokens per request.
+        jit_compile: XLA-compile the generation loop.
+        chat: wrap string prompts in the model's chat template in the graph.
+        prompt_bucket, cache_bucket: shape buckets, as in `Generator`.
+    """
+
+    def __init__(self, lm, max_new_tokens=128, jit_compile=True, chat=False,
+                 prompt_bucket=64, cache_bucket=256):
+        super().__init__(name="keras_llm_generation")
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        config = lm.config
+        self._context = config.context_length
+        self._max_new = int(max_new_tokens)
+        if not 0 < self._max_new < self._context:
+            raise ExportError(f"max_new_tokens must be in [1, {self._context}), got {max_new_tokens}")
+        self._pad = lm.generator.pad_id
+        self._stop_ids = list(lm.tokenizer.stop_ids) or [-1]
+        self._prompt_bucket = int(prompt_bucket)
+        self._cache_bucket = int(cache_bucket)
+        self._chat = chat
+        self._generator = Generator(lm.model, pad_id=self._pad, prompt_bucket=prompt_bucket,
+                                    cache_bucket=cache_bucket, jit_compile=jit_compile)
+        self._core = tf.function(self._generate_core, jit_compile=jit_compile)
+        string_batch = tf.TensorSpec([None], tf.string, name="prompt")
+        sampling = dict(
+            max_new_tokens=tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
+            temperature=tf.TensorSpec([None], tf.float32, name="temperature"),
+            top_p=tf.TensorSpec([None], tf.float32, name="top_p"),
+            top_k=tf.TensorSpec([None], tf.int32, name="top_k"),
+            seed=tf.TensorSpec([None], tf.int32, name="seed"),
+        )
+        ids_spec = dict(token_ids=tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                        num_tokens=tf.TensorSpec([None], tf.int32, name="num_tokens"))
+        self.serving_default = tf.function(self._serving_default, input_signature=[string_batch])
+        self.generate = tf.function(self._generate_text,
+                                    input_signature=[string_batch, *sampling.values()])
+        self.generate_ids = tf.function(self._generate_ids,
+                                        input_signature=[*ids_spec.values(), *sampling.values()])
+        self.score = tf.function(self._score, input_signature=list(ids_spec.values()))
+
+    # ----- graph pieces ----------------------------------------------------
+
+    def _prompts_to_ids(self, prompt):
+        if self._chat:
+            prompt = tf.strings.join(["<|im_start|>user\n", prompt,
+                                      "<|im_end|>\n<|im_start|>assistant\n"])
+        return self.tokenizer.tokenize(prompt)  # ragged (B, None)
+
+    def _generate_core(self, prompt_ids, key_start, cache_slots, out_slots, max_new_tokens,
+                       temperature, top_k, top_p, seeds):
+        """Prefill and the whole decode loop, one compiled program."""
+        gen = self._generator
+        stop_ids = tf.constant(self._stop_ids, tf.int32)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                        stop_ids=stop_ids, max_new_tokens=max_new_tokens)
+        token, caches, done, lengths = gen._prefill(  # pylint: disable=protected-access
+            prompt_ids, key_start, cache_slots, **sampling)
+        longest = tf.reduce_max(max_new_tokens)
+        out, _, _, _, _, lengths = gen._decode(  # pylint: disable=protected-access
+            token, caches, done, lengths, tf.constant(1), longest - 1,
+            tf.shape(prompt_ids)[1], key_start, out_slots, **sampling)
+        tokens = tf.concat([token[:, tf.newaxis], out], axis=1)
+        return tokens, lengths
+
+    def _generate_ragged(self, ragged_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        ragged_ids = tf.cast(ragged_ids, tf.int32)
+        lengths = tf.cast(ragged_ids.row_lengths(), tf.int32)
+        batch = tf.shape(lengths)[0]
+        longest = tf.reduce_max(lengths)
+        max_new_tokens = tf.clip_by_value(max_new_tokens, 0, self._max_new)
+        most_new = tf.maximum(tf.reduce_max(max_new_tokens), 1)
+        checks = [
+            tf.debugging.assert_positive(lengths, message="empty prompt"),
+            tf.debugging.assert_less_equal(
+                longest + most_new, self._context,
+                message=f"prompt plus max_new_tokens exceeds the context length {self._context}"),
+            tf.debugging.assert_less(
+                tf.reduce_max(ragged_ids.flat_values), self.model.get_layer("token_embedding").input_dim,
+                message="token id out of range"),
+            tf.debugging.assert_non_negative(ragged_ids.flat_values, message="negative token id"),
+        ]
+        with tf.control_dependencies(checks):
+            prompt_length = tf.minimum(_round_up(longest, self._prompt_bucket), self._context)
+            cache_length = tf.minimum(_round_up(prompt_length + most_new, self._cache_bucket),
+                                      self._context)
+            # Near the context limit the bucket may not fit: use the exact length.
+            prompt_length = tf.where(cache_length < prompt_length + most_new, longest, prompt_length)
+            cache_length = tf.where(cache_length < prompt_length + most_new, self._context,
+                                    cache_length)
+        # Left-pad: row b's tokens end at column prompt_length - 1.
+        dense = ragged_ids.to_tensor(default_value=self._pad)  # (B, longest)
+        key_start = prompt_length - lengths
+        source = tf.range(prompt_length)[tf.newaxis, :] - key_start[:, tf.newaxis]
+        ids = tf.gather(dense, tf.clip_by_value(source, 0, longest - 1), batch_dims=1)
+        ids = tf.where(source >= 0, ids, self._pad)
+        ones = lambda x, dtype: tf.cast(tf.broadcast_to(x, [batch]), dtype)  # noqa: E731
+        tokens, counts = self._core(
+            ids, key_start, tf.zeros([cache_length], tf.int8),
+            tf.zeros([cache_length - prompt_length], tf.int8),
+            ones(max_new_tokens, tf.int32), ones(temperature, tf.float32),
+            ones(top_k, tf.int32), ones(top_p, tf.float32), ones(seed, tf.int32))
+        tokens = tokens[:, :most_new]
+        keep = tf.range(most_new)[tf.newaxis, :] < counts[:, tf.newaxis]
+        tokens = tf.where(keep, tokens, self._pad)
+        return tokens, counts
+
+    def _text_outputs(self, tokens, counts):
+        ragged = tf.RaggedTensor.from_tensor(tokens, lengths=counts)
+        text = self.tokenizer.detokenize(ragged)
+        return {"text": text, "token_ids": tokens, "num_tokens": counts}
+
+    def _serving_default(self, prompt):
+        batch = tf.shape(prompt)[0]
+        tokens, counts = self._generate_ragged(
+            self._prompts_to_ids(prompt), tf.fill([batch], self._max_new),
+            tf.zeros([batch]), tf.zeros([batch], tf.int32), tf.ones([batch]),
+            tf.zeros([batch], tf.int32))
+        return self._text_outputs(tokens, counts)
+
+    def _generate_text(self, prompt, max_new_tokens, temperature, top_p, top_k, seed):
+        tokens, counts = self._generate_ragged(self._prompts_to_ids(prompt), max_new_tokens,
+                                               temperature, top_k, top_p, seed)
+        return self._text_outputs(tokens, counts)
+
+    def _generate_ids(self, token_ids, num_tokens, max_new_tokens, temperature, top_p, top_k,
+                      seed):
+        ragged = tf.RaggedTensor.from_tensor(token_ids, lengths=num_tokens)
+        tokens, counts = self._generate_ragged(ragged, max_new_tokens, temperature, top_k,
+                                               top_p, seed)
+        return {"token_ids": tokens, "num_tokens": counts}
+
+    def _score(self, token_ids, num_tokens):
+        # Right padding is harmless here: attention is causal, so padding after a
+        # row's tokens cannot change the logits of the tokens before it.
+        length = tf.shape(token_ids)[1]
+        valid = tf.range(length)[tf.newaxis, :] < num_tokens[:, tf.newaxis]
+        ids = tf.where(valid, token_ids, self._pad)
+        logits = tf.cast(self.model(ids, training=False), tf.float32)  # (B, T, V)
+        log_probs = tf.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = tf.gather(log_probs, ids[:, 1:], batch_dims=2)  # (B, T-1)
+        picked = tf.concat([tf.zeros_like(picked[:, :1]), picked], axis=1)
+        picked = tf.where(valid, picked, 0.0)
+        return {"log_probs": picked, "total_log_prob": tf.reduce_sum(picked, axis=1)}
+
+
+def next_version(model_dir):
+    versions = [int(n) for n in os.listdir(model_dir) if n.isdigit()] if os.path.isdir(model_dir) else []
+    return max(versions, default=0) + 1
+
+
+def export_model(model, model_base_path, model_name, version=None, max_new_tokens=128,
+                 jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True):
+    """Write a SavedModel for TF Serving; see the module docstring.
+
+    Args:
+        model: a `LanguageModel`, or anything `keras_llm.load` accepts.
+        model_base_path: the base directory (`--model_base_path`).
+        model_name: the model's name (`--model_name`).
+        version: version number; the next free one by default. An existing
+            version is an error: exports never overwrite.
+        max_new_tokens: default and upper bound of new tokens.
+        jit_compile: XLA-compile the decode loop (TF Serving then needs
+            `--xla_cpu_compilation_enabled`).
+        chat: apply the chat template to string prompts inside the graph.
+        safe_mode: as in `keras_llm.load`.
+        warmup: write `assets.extra/tf_serving_warmup_requests`.
+
+    Returns:
+        The version directory written.
+    """
+    if not model_name or os.sep in model_name or model_name.startswith("."):
+        raise ExportError(f"bad model name {model_name!r}")
+    if version is not None and (not isinstance(version, int) or version <= 0):
+        raise ExportError(f"version must be a positive integer, got {version!r}")
+    base = os.path.abspath(os.fspath(model_base_path))
+    model_dir = os.path.join(base, model_name)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot create {model_dir}: {error.strerror or error}") from None
+    if not os.access(model_dir, os.W_OK):
+        raise ExportError(f"{model_dir} is not writable")
+    version = next_version(model_dir) if version is None else version
+    target = os.path.join(model_dir, str(version))
+    if os.path.exists(target):
+        raise ExportError(f"version {version} already exists at {target}; exports never overwrite")
+    lm = model if isinstance(model, keras_llm.LanguageModel) else keras_llm.load(
+        model, safe_mode=safe_mode, progress=progress)
+
+    start = time.perf_counter()
+    staging = os.path.join(model_dir, f".staging-{uuid.uuid4().hex}")
+    try:
+        module = GenerationModule(lm, max_new_tokens=max_new_tokens, jit_compile=jit_compile,
+                                  chat=chat)
+        signatures = {name: getattr(module, name).get_concrete_function()
+                      for name in SIGNATURES}
+        tf.saved_model.save(module, staging, signatures=signatures)
+        metadata = {
+            "keras_llm_version": keras_llm.__version__,
+            "tensorflow_version": tf.__version__,
+            "source": lm.metadata.get("source"),
+            "preset": lm.metadata.get("preset"),
+            "architecture": lm.metadata.get("architecture", "llama"),
+            "config": lm.config.to_dict(),
+            "dtype": lm.model.get_layer("layer_0_query").compute_dtype,
+            "quantization": lm.metadata.get("quantization"),
+            "sparsity": lm.metadata.get("sparsity"),
+            "tokenizer": {"type": "byte_level_bpe", "vocabulary_size": lm.tokenizer.vocabulary_size,
+                          "bos_id": lm.tokenizer.bos_id, "eos_id": lm.tokenizer.eos_id,
+                          "pad_id": module._pad, "stop_ids": module._stop_ids},  # pylint: disable=protected-access
+            "chat_template": lm.tokenizer.chat_template,
+            "chat_applied_in_graph": chat,
+            "context_length": lm.config.context_length,
+            "max_new_tokens": int(max_new_tokens),
+            "xla": bool(jit_compile),
+            "signatures": list(SIGNATURES),
+        }
+        assets = os.path.join(staging, "assets")
+        os.makedirs(assets, exist_ok=True)
+        with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:
+            json.dump(metadata, handle, indent=2, ensure_ascii=False)
+        lm.tokenizer.save_assets(assets)
+        if warmup:
+            write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_serving_configs(base, model_name, jit_compile)
+    if progress:
+        print(f"exported {model_name} version {version} to {target} "
+              f"in {time.perf_counter() - start:.1f}s", flush=True)
+    return target
+
+
+def warmup_requests(model_name):
+    """`PredictionLog`s that exercise every signature once (small inputs)."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2  # pylint: disable=import-outside-toplevel
+
+    def request(signature, inputs):
+        req = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+        for key, value in inputs.items():
+            req.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=req))
+
+    prompts = np.array([p.encode() for p in WARMUP_PROMPTS], dtype=object)
+    batch = len(prompts)
+    ids = np.array([[1, 2, 3], [4, 5, 0]], np.int32)
+    return [
+        request("serving_default", {"prompt": prompts}),
+        request("generate", {"prompt": prompts,
+                             "max_new_tokens": np.full([batch], 4, np.int32),
+                             "temperature": np.array([0.0, 0.8], np.float32),
+                             "top_p": np.array([1.0, 0.9], np.float32),
+                             "top_k": np.array([0, 40], np.int32),
+                             "seed": np.array([0, 1], np.int32)}),
+        request("generate_ids", {"token_ids": ids, "num_tokens": np.array([3, 2], np.int32),
+                                 "max_new_tokens": np.full([2], 4, np.int32),
+                                 "temperature": np.zeros([2], np.float32),
+                                 "top_p": np.ones([2], np.float32),
+                                 "top_k": np.zeros([2], np.int32),
+                                 "seed": np.zeros([2], np.int32)}),
+        request("score", {"token_ids": ids, "num_tokens": np.array([3, 2], np.int32)}),
+    ]
+
+
+def write_warmup(path, model_name):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for log in warmup_requests(model_name):
+            writer.write(log.SerializeToString())
+
+
+BATCHING_PARAMETERS = """\
+# TF Serving batching for keras-llm generation signatures
+# (tensorflow_model_server --enable_batching --batching_parameters_file=THIS).
+# A generation request holds its batch for the whole decode loop, so batches
+# are formed quickly (short timeout) and kept moderate; allowed sizes line up
+# with compiled shapes so XLA compiles a known, small number of programs.
+max_batch_size { value: 16 }
+batch_timeout_micros { value: 5000 }
+max_enqueued_batches { value: 64 }
+num_batch_threads { value: 1 }
+allowed_batch_sizes: 1
+allowed_batch_sizes: 2
+allowed_batch_sizes: 4
+allowed_batch_sizes: 8
+allowed_batch_sizes: 16
+# Prompts are strings, so no padding of variable-length inputs is needed.
+# Do not enable pad_variable_length_inputs for generate_ids/score: TF Serving
+# pads with the tensor's first element, not with a pad id.
+pad_variable_length_inputs: false
+"""
+
+
+def write_serving_configs(base, model_name, jit_compile):
+    """Example `batching_parameters.pbtxt` and `models.config` beside the versions."""
+    model_dir = os.path.join(base, model_name)
+    with open(os.path.join(model_dir, "batching_parameters.pbtxt"), "w", encoding="utf-8") as f:
+        f.write(BATCHING_PARAMETERS)
+    flags = "--xla_cpu_compilation_enabled " if jit_compile else ""
+    with open(os.path.join(model_dir, "models.config"), "w", encoding="utf-8") as f:
+        f.write(
+            "# tensorflow_model_server --port=8500 --model_config_file=THIS "
+            f"{flags}--enable_batching --batching_parameters_file="
+            f"{os.path.join(model_dir, 'batching_parameters.pbtxt')}\n"
+            "model_config_list {\n"
+            "  config {\n"
+            f"    name: \"{model_name}\"\n"
+            f"    base_path: \"{model_dir}\"\n"
+            "    model_platform: \"tensorflow\"\n"
+            "    model_version_policy { latest { num_versions: 1 } }\n"
+            "  }\n"
+            "}\n")
