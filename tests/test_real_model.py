@@ -72,3 +72,18 @@ def test_cli_generate_json_subprocess(smollm2, reference):
     assert record["prompt_token_ids"] == item["prompt_ids"]
     assert record["token_ids"] == item["greedy24"][:len(record["token_ids"])]
     assert record["decode_tokens_per_s"] > 0 and record["time_to_first_token_s"] > 0
+
+
+def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, reference, tmp_path):
+    from export.saved_model import export_model
+    from tests.test_export import run_in_fresh_process
+
+    path = export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False)
+    items = [reference["generation"][0], reference["generation"][2]]
+    result = run_in_fresh_process(path, "serving_default", {"prompt": [i["prompt"] for i in items]})
+    assert result["imported_modules"] == []
+    expected = smollm2.generate([i["prompt"] for i in items], max_new_tokens=24)
+    for row, (item, completion) in enumerate(zip(items, expected)):
+        n = result["num_tokens"][row]
+        assert result["token_ids"][row][:n] == completion.token_ids == item["greedy24"][:n]
+        assert result["text"][row] == completion.text
