@@ -13,6 +13,11 @@
   holds log p(token t | tokens before it); 0 at position 0 and in padding)
   and `total_log_prob` `[-1]`.
 
+Besides the signatures, the SavedModel carries `engine`, a `SlotDecoder`
+(`allocate`, `prefill`, `decode` tf.functions over a KV cache kept in
+variables between calls) for keras-llm's serving engine, which loads the
+export with `tf.saved_model.load` and schedules requests into slots.
+
 Tokenization, the whole decode loop and detokenization are TensorFlow and
 tensorflow-text ops traced from keras-llm's own model and `Generator`, so
 `tensorflow_model_server` (which links TF Text ops) can run them. The decode
@@ -36,6 +41,7 @@ import tensorflow as tf
 
 import keras_llm
 from keras_llm.generation import Generator
+from keras_llm.slots import SlotDecoder
 
 SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
 METADATA_ASSET = "keras_llm.json"
@@ -80,6 +86,8 @@ class GenerationModule(tf.Module):
         self._generator = Generator(lm.model, pad_id=self._pad, prompt_bucket=prompt_bucket,
                                     cache_bucket=cache_bucket, jit_compile=jit_compile)
         self._core = tf.function(self._generate_core, jit_compile=jit_compile)
+        # For keras-llm's own serving engine (not a signature: it is stateful).
+        self.engine = SlotDecoder(lm.model, stop_ids=self._stop_ids, jit_compile=jit_compile)
         string_batch = tf.TensorSpec([None], tf.string, name="prompt")
         sampling = dict(
             max_new_tokens=tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
@@ -273,6 +281,7 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
             "max_new_tokens": int(max_new_tokens),
             "xla": bool(jit_compile),
             "signatures": list(SIGNATURES),
+            "engine_functions": ["engine.allocate", "engine.prefill", "engine.decode"],
         }
         assets = os.path.join(staging, "assets")
         os.makedirs(assets, exist_ok=True)

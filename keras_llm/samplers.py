@@ -27,7 +27,7 @@ def uniform_noise(seeds, step, vocabulary_size):
 
     Args:
         seeds: int `(B,)`.
-        step: scalar int, the index of the token being sampled.
+        step: int, scalar or `(B,)`: the index of the token being sampled.
         vocabulary_size: V (a Python int).
     """
     mask = tf.bitwise.bitwise_and
@@ -76,7 +76,8 @@ def sample_next(logits, temperature, top_k, top_p, seeds, step):
         top_k: int `(B,)`.
         top_p: float `(B,)`.
         seeds: int `(B,)`.
-        step: scalar int, position of the token in the generated sequence.
+        step: int, scalar or `(B,)`: position of the token in the generated
+            sequence (per row when rows are at different steps).
 
     Returns:
         int32 `(B,)` token ids.
