@@ -4,6 +4,7 @@
     keras-llm tokenize --model smollm2 --text "..." [--json]
     keras-llm export --model smollm2 --model_base_path DIR --model_name NAME
     keras-llm import --model FILE.gguf --output DIR
+    keras-llm serve --port 8500 --model_name NAME --model_base_path DIR
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
 prints a traceback unless KERAS_LLM_DEBUG=1.
@@ -169,6 +170,11 @@ COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_ex
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # TF Serving's flag names: parsed by the server itself
+        from serving.server import main as serve  # pylint: disable=import-outside-toplevel
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,327 @@
+"""The generation engine: sequence slots, one KV cache, dynamic batching.
+
+The engine loads what `export` wrote (`tf.saved_model.load` of a version
+directory) and drives its `engine.prefill` / `engine.decode` functions from
+one scheduler thread. Requests wait in a bounded queue, take a free slot
+(prefill), and then advance one token per step together with every other
+running request; a finished or cancelled request leaves its slot at once and
+the next one joins before the following step. The server only translates
+requests into `submit` calls and reads the `Request.events` queue.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  pylint: disable=unused-import  (registers the SavedModel's ops)
+
+from keras_llm.tokenizer import BytePairTokenizer
+
+LOG = logging.getLogger("keras_llm.serving.engine")
+
+
+class EngineError(Exception):
+    """Base of the errors the server maps to gRPC status codes."""
+
+
+class InvalidRequest(EngineError):
+    """Bad input: INVALID_ARGUMENT."""
+
+
+class QueueFull(EngineError):
+    """Too many waiting requests: RESOURCE_EXHAUSTED."""
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Operator settings.
+
+    Args:
+        max_slots: most sequences decoded together.
+        max_queue: most requests waiting for a slot; beyond it submit fails.
+        max_length: cache length per slot (prompt bucket plus new tokens).
+        memory_budget_bytes: if set, slots are limited to what fits.
+        prompt_bucket: prompts are left-padded to a multiple of this.
+        default_max_new_tokens: when a request does not say.
+    """
+
+    max_slots: int = 16
+    max_queue: int = 64
+    max_length: int = 1024
+    memory_budget_bytes: int = 0
+    prompt_bucket: int = 64
+    default_max_new_tokens: int = 128
+
+
+@dataclasses.dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple = ()
+    stop_ids: tuple = ()
+
+
+class Request:
+    """One generation request; the scheduler fills `events`.
+
+    `events` receives `("delta", text, ids)` items and finally
+    `("done", summary_dict)`.
+    """
+
+    def __init__(self, prompt_ids, sampling):
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.events = queue.Queue()
+        self.cancelled = threading.Event()
+        self.created = time.perf_counter()
+        self.started = None
+        self.first_token_at = None
+        self.tokens = []
+        self.text = ""
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class _Slot:
+    def __init__(self, request, prompt_length, key_start, decoder):
+        self.request = request
+        self.prompt_length = prompt_length
+        self.key_start = key_start
+        self.decoder = decoder
+        self.last_token = None
+
+
+class Engine:
+    """Loads an export and generates for many concurrent requests.
+
+    Args:
+        export_dir: a version directory written by `export`.
+        config: an `EngineConfig`.
+    """
+
+    def __init__(self, export_dir, config=None):
+        self.config = config or EngineConfig()
+        self.export_dir = export_dir
+        self.module = tf.saved_model.load(export_dir)
+        assets = os.path.join(export_dir, "assets")
+        with open(os.path.join(assets, "keras_llm.json"), encoding="utf-8") as handle:
+            self.metadata = json.load(handle)
+        self.tokenizer = BytePairTokenizer.load_assets(assets)
+        model = self.metadata["config"]
+        self.context_length = model["context_length"]
+        self.stop_ids = tuple(self.metadata["tokenizer"]["stop_ids"])
+        self.pad_id = self.metadata["tokenizer"]["pad_id"]
+        c = self.config
+        self.max_length = min(c.max_length, self.context_length)
+        itemsize = 2 if self.metadata.get("dtype") in ("bfloat16", "float16") else 4
+        self.bytes_per_slot = (2 * model["num_layers"] * model["num_key_value_heads"]
+                               * model["head_dim"] * self.max_length * itemsize)
+        slots = c.max_slots
+        if c.memory_budget_bytes:
+            slots = min(slots, c.memory_budget_bytes // self.bytes_per_slot)
+            if slots < 1:
+                raise ValueError(f"memory budget {c.memory_budget_bytes} B is below one slot "
+                                 f"({self.bytes_per_slot} B for {self.max_length} tokens)")
+        self.num_slots = int(slots)
+        self.module.engine.allocate(tf.constant(self.num_slots), tf.constant(self.max_length))
+        LOG.info(json.dumps({"event": "kv_cache", "slots": self.num_slots,
+                             "context": self.max_length, "bytes_per_slot": self.bytes_per_slot,
+                             "bytes": self.bytes_per_slot * self.num_slots}))
+        self._waiting = []
+        self._slots = [None] * self.num_slots
+        self._lock = threading.Condition()
+        self._stopping = False
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="keras-llm-engine", daemon=True)
+        self._thread.start()
+
+    # ----- public interface ------------------------------------------------
+
+    def encode(self, text, chat=False, system=None):
+        if chat:
+            text = self.tokenizer.apply_chat_template(text, system=system or None)
+        return self.tokenizer.encode(text)
+
+    def submit(self, prompt_ids, sampling):
+        """Queue a request; raises InvalidRequest or QueueFull at once."""
+        if not prompt_ids:
+            raise InvalidRequest("empty prompt")
+        vocab = self.metadata["config"]["vocabulary_size"]
+        if any(not 0 <= int(t) < vocab for t in prompt_ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})")
+        if sampling.max_new_tokens <= 0:
+            sampling.max_new_tokens = self.config.default_max_new_tokens
+        if sampling.temperature < 0 or not 0 <= sampling.top_p <= 1 or sampling.top_k < 0:
+            raise InvalidRequest("temperature must be >= 0, top_p in [0, 1], top_k >= 0")
+        bucket = self._bucket(len(prompt_ids))
+        if bucket + sampling.max_new_tokens > self.max_length:
+            raise InvalidRequest(
+                f"prompt of {len(prompt_ids)} tokens (padded to {bucket}) plus "
+                f"{sampling.max_new_tokens} new tokens exceeds the per-sequence limit "
+                f"of {self.max_length}")
+        request = Request(prompt_ids, sampling)
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("server is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def stats(self):
+        with self._lock:
+            return {"running": sum(s is not None for s in self._slots),
+                    "waiting": len(self._waiting)}
+
+    def warmup(self):
+        """Compile prefill and decode before taking traffic."""
+        request = self.submit(self.tokenizer.encode("Hello") or [0], Sampling(max_new_tokens=2))
+        while request.events.get()[0] != "done":
+            pass
+        self.ready.set()
+
+    def stop(self, timeout=None):
+        """Stop taking work; wait for running requests, then end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    # ----- scheduler -------------------------------------------------------
+
+    def _bucket(self, length):
+        b = self.config.prompt_bucket
+        return min(-(-length // b) * b, self.max_length)
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not any(self._slots):
+                    self._lock.wait()
+                if self._stopping and not self._waiting and not any(self._slots):
+                    return
+                admit = []
+                for index, slot in enumerate(self._slots):
+                    if slot is None and self._waiting:
+                        admit.append((index, self._waiting.pop(0)))
+            try:
+                for index, request in admit:
+                    self._prefill(index, request)
+                if any(self._slots):
+                    self._step()
+            except Exception:  # pylint: disable=broad-except
+                LOG.exception("engine step failed")
+                for index, slot in enumerate(self._slots):
+                    if slot is not None:
+                        self._finish(index, "error")
+
+    def _prefill(self, index, request):
+        if request.cancelled.is_set():
+            request.events.put(("done", self._summary(request, "cancelled")))
+            return
+        request.started = time.perf_counter()
+        ids = request.prompt_ids
+        bucket = self._bucket(len(ids))
+        padded = np.full([1, bucket], self.pad_id, np.int32)
+        padded[0, bucket - len(ids):] = ids
+        s = request.sampling
+        token, _ = self.module.engine.prefill(
+            tf.constant(padded), tf.constant([bucket - len(ids)], tf.int32),
+            tf.constant(index, tf.int32), tf.constant([s.temperature], tf.float32),
+            tf.constant([s.top_k], tf.int32), tf.constant([s.top_p], tf.float32),
+            tf.constant([s.seed], tf.int32))
+        slot = _Slot(request, bucket, bucket - len(ids), self.tokenizer.stream_decoder())
+        self._slots[index] = slot
+        self._emit(index, int(token.numpy()[0]))
+
+    def _step(self):
+        n = self.num_slots
+        tokens = np.zeros([n], np.int32)
+        position = np.zeros([n], np.int32)
+        key_start = np.zeros([n], np.int32)
+        step = np.zeros([n], np.int32)
+        temperature = np.zeros([n], np.float32)
+        top_k = np.zeros([n], np.int32)
+        top_p = np.ones([n], np.float32)
+        seed = np.zeros([n], np.int32)
+        for i, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            r = slot.request
+            tokens[i] = slot.last_token
+            position[i] = slot.prompt_length + len(r.tokens) - 1
+            key_start[i] = slot.key_start
+            step[i] = len(r.tokens)
+            s = r.sampling
+            temperature[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, s.seed
+        nxt, _ = self.module.engine.decode(tokens, position, key_start, step,
+                                           temperature, top_k, top_p, seed)
+        nxt = nxt.numpy()
+        for i, slot in enumerate(self._slots):
+            if slot is not None:
+                self._emit(i, int(nxt[i]))
+
+    def _emit(self, index, token):
+        slot = self._slots[index]
+        request = slot.request
+        s = request.sampling
+        if request.cancelled.is_set():
+            self._finish(index, "cancelled")
+            return
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if token in self.stop_ids or token in s.stop_ids:
+            self._finish(index, "stop")
+            return
+        request.tokens.append(token)
+        slot.last_token = token
+        delta = slot.decoder.push(token)
+        request.text += delta
+        if s.stop:
+            hit = min((request.text.find(x) for x in s.stop if x in request.text), default=-1)
+            if hit >= 0:
+                keep = len(request.text) - hit
+                request.text = request.text[:hit]
+                delta = delta[:max(len(delta) - keep, 0)]
+                if delta:
+                    request.events.put(("delta", delta, [token]))
+                self._finish(index, "stop")
+                return
+        request.events.put(("delta", delta, [token]))
+        if len(request.tokens) >= s.max_new_tokens:
+            self._finish(index, "length")
+
+    def _finish(self, index, reason):
+        slot = self._slots[index]
+        self._slots[index] = None
+        request = slot.request
+        tail = slot.decoder.flush() if reason != "stop" or not request.sampling.stop else ""
+        if tail:
+            request.text += tail
+            request.events.put(("delta", tail, []))
+        request.events.put(("done", self._summary(request, reason)))
+
+    def _summary(self, request, reason):
+        now = time.perf_counter()
+        started = request.started or now
+        return {
+            "finish_reason": reason,
+            "prompt_tokens": len(request.prompt_ids),
+            "generated_tokens": len(request.tokens),
+            "queue_s": started - request.created,
+            "time_to_first_token_s": (request.first_token_at or now) - request.created,
+            "total_s": now - request.created,
+            "text": request.text,
+            "token_ids": list(request.tokens),
+        }

@@ -1,0 +1,195 @@
+"""The gRPC server, started for real on loopback with an export of a tiny model."""
+
+import concurrent.futures
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+import keras_llm
+from export.saved_model import export_model
+from serving.engine import EngineConfig
+from serving.protos import generation_pb2, generation_pb2_grpc
+from serving.server import build_server
+from tests.helpers import byte_level_tokenizer, tiny_model
+
+DEADLINE = 120
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tokenizer = byte_level_tokenizer(["h e", "l l", "he ll"])
+    return keras_llm.LanguageModel(tiny_model(seed=6, vocabulary_size=tokenizer.vocabulary_size),
+                                   tokenizer, {"source": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def server(lm, tmp_path_factory):
+    base = tmp_path_factory.mktemp("models") / "tiny"
+    export_model(lm, base.parent, "tiny", max_new_tokens=16, progress=False)
+    config = EngineConfig(max_slots=4, max_queue=3, max_length=128, prompt_bucket=16)
+    srv, servables, _, port = build_server("tiny", str(base), port=0, engine_config=config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield channel, servables
+    channel.close()
+    srv.stop(0)
+
+
+def stream(channel, text=None, ids=None, **sampling):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    request = generation_pb2.GenerateRequest(sampling=generation_pb2.SamplingOptions(**sampling))
+    if ids is not None:
+        request.ids.ids.extend(ids)
+    else:
+        request.text = text
+    deltas, summary = [], None
+    for response in stub.Generate(request, timeout=DEADLINE):
+        if response.HasField("delta"):
+            deltas.append(response.delta)
+        else:
+            summary = response.summary
+    return deltas, summary
+
+
+def test_health_serving_after_warmup(server):
+    channel, _ = server
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "tensorflow.serving.PredictionService"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_predict_with_tf_serving_client(lm, server):
+    channel, _ = server
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["prompt"].CopyFrom(tf.make_tensor_proto(["hello", "world!"]))
+    response = stub.Predict(request, timeout=DEADLINE)
+    texts = tf.make_ndarray(response.outputs["text"]).tolist()
+    expected = lm.generate(["hello", "world!"], max_new_tokens=16)
+    assert [t.decode("utf-8", "replace") for t in texts] == [c.text for c in expected]
+    assert response.model_spec.version.value == 1
+    request.output_filter.append("num_tokens")
+    filtered = stub.Predict(request, timeout=DEADLINE)
+    assert set(filtered.outputs) == {"num_tokens"}
+
+
+def test_model_metadata_and_status(server):
+    channel, _ = server
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "tiny"
+    request.metadata_field.append("signature_def")
+    response = stub.GetModelMetadata(request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    assert {"serving_default", "generate", "generate_ids", "score"} <= set(signatures.signature_def)
+    assert signatures.signature_def["serving_default"].inputs["prompt"].dtype == tf.string.as_datatype_enum
+    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec=request.model_spec), timeout=30)
+    assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+@pytest.mark.parametrize("mutate, code", [
+    (lambda r: setattr(r.model_spec, "name", "nope"), grpc.StatusCode.NOT_FOUND),
+    (lambda r: r.model_spec.version.__setattr__("value", 7), grpc.StatusCode.NOT_FOUND),
+    (lambda r: r.inputs["wrong"].CopyFrom(tf.make_tensor_proto(["x"])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["prompt"].CopyFrom(tf.make_tensor_proto([1, 2])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["prompt"].CopyFrom(tf.make_tensor_proto([["a"]])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_predict_errors_use_tf_serving_codes(server, mutate, code):
+    channel, _ = server
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    request.inputs["prompt"].CopyFrom(tf.make_tensor_proto(["hello"]))
+    mutate(request)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=DEADLINE)
+    assert info.value.code() == code
+    assert stream(channel, text="still serving", max_new_tokens=2)[1].generated_tokens >= 0
+
+
+def test_classify_is_unimplemented(server):
+    from tensorflow_serving.apis import classification_pb2
+    channel, _ = server
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(classification_pb2.ClassificationRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_stream_matches_non_streaming_and_keeps_utf8(lm, server):
+    channel, _ = server
+    for prompt in ("hello", "你好 🤖"):
+        deltas, summary = stream(channel, text=prompt, max_new_tokens=12)
+        expected = lm.generate(prompt, max_new_tokens=12)
+        assert list(summary.token_ids) == expected.token_ids
+        assert "".join(d.text for d in deltas) == summary.text == expected.text
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+        assert summary.finish_reason in ("stop", "length")
+    deltas, summary = stream(channel, ids=lm.encode("你好"), max_new_tokens=4)
+    assert summary.prompt_tokens == len(lm.encode("你好"))
+
+
+def test_concurrent_streams_get_their_own_tokens(lm, server):
+    channel, _ = server
+    # 4 slots + 3 queue places: 7 streams fit without RESOURCE_EXHAUSTED.
+    prompts = [f"request number {i}" for i in range(7)]
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=10)[1], prompts))
+    for prompt, summary in zip(prompts, results):
+        assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=10).token_ids
+
+
+def test_sampling_matches_generator(lm, server):
+    channel, _ = server
+    _, summary = stream(channel, text="hello", max_new_tokens=10, temperature=0.8, top_k=30,
+                        top_p=0.9, seed=5)
+    expected = lm.generate("hello", max_new_tokens=10, temperature=0.8, top_k=30, top_p=0.9, seed=5)
+    assert list(summary.token_ids) == expected.token_ids
+
+
+def test_invalid_generation_requests(server):
+    channel, _ = server
+    for kwargs in (dict(text=""), dict(ids=[10 ** 6]), dict(text="x" * 200, max_new_tokens=16),
+                   dict(text="hi", temperature=-1.0)):
+        with pytest.raises(grpc.RpcError) as info:
+            stream(channel, **kwargs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+
+
+def test_cancel_frees_slot_and_queue_limit(server):
+    channel, servables = server
+    engine = servables.models["tiny"].engine
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    long_request = generation_pb2.GenerateRequest(
+        text="a", sampling=generation_pb2.SamplingOptions(max_new_tokens=100))
+    calls = [stub.Generate(long_request, timeout=DEADLINE) for _ in range(4)]  # fill all slots
+    for call in calls:
+        next(call)
+    extra = [stub.Generate(long_request, timeout=DEADLINE) for _ in range(3)]  # fill the queue
+    deadline = time.time() + 30
+    while engine.stats()["waiting"] < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as info:
+        next(stub.Generate(long_request, timeout=DEADLINE))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in calls + extra:
+        call.cancel()
+    deadline = time.time() + 30
+    while engine.stats() != {"running": 0, "waiting": 0} and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats() == {"running": 0, "waiting": 0}
+    start = time.time()
+    _, summary = stream(channel, text="after cancel", max_new_tokens=3)
+    assert summary.generated_tokens >= 0 and time.time() - start < 30
