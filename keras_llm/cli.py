@@ -74,6 +74,26 @@ def build_parser():
                      help="apply the chat template to string prompts inside the graph")
     exp.add_argument("--no-warmup", dest="warmup", action="store_false")
 
+    for name, text in (("client", "send one prompt to a keras-llm server"),
+                       ("chat", "chat with a keras-llm server in the terminal")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--target", default="127.0.0.1:8500", help="host:port of the server")
+        sub.add_argument("--model_name", "--model-name", dest="model_name", default="")
+        sub.add_argument("--max-new-tokens", type=_positive_int, default=256)
+        sub.add_argument("--temperature", type=float, default=0.0)
+        sub.add_argument("--top-k", type=_positive_int, default=0)
+        sub.add_argument("--top-p", type=float, default=1.0)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--timeout", type=float, default=300.0)
+        if name == "client":
+            sub.add_argument("--prompt", required=True)
+            sub.add_argument("--chat", action="store_true")
+            sub.add_argument("--predict", action="store_true",
+                             help="use TF Serving's Predict (serving_default) instead of streaming")
+            sub.add_argument("--json", action="store_true")
+        else:
+            sub.add_argument("--system", default="")
+
     imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
     imp.add_argument("--model", required=True, help="the .gguf file")
     imp.add_argument("--output", required=True, help="model directory to write")
@@ -155,6 +175,57 @@ def cmd_import(args):
     print(path)
 
 
+def _sampling(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_client(args):
+    from serving.client import Client  # pylint: disable=import-outside-toplevel
+
+    if not args.prompt:
+        raise UsageError("empty prompt")
+    with Client(args.target, timeout=args.timeout) as client:
+        if args.predict:
+            outputs = client.predict(args.model_name, [args.prompt])
+            text = outputs["text"][0].decode("utf-8", errors="replace")
+            print(json.dumps({"text": text}, ensure_ascii=False) if args.json else text)
+            return
+        for delta in client.stream(args.prompt, chat=args.chat, model_name=args.model_name,
+                                   **_sampling(args)):
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        s = client.last_summary
+        if args.json:
+            print(json.dumps({"text": s.text, "token_ids": list(s.token_ids),
+                              "finish_reason": s.finish_reason,
+                              "time_to_first_token_s": s.time_to_first_token_s,
+                              "total_s": s.total_s}, ensure_ascii=False))
+        else:
+            sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    from serving.client import Client  # pylint: disable=import-outside-toplevel
+
+    with Client(args.target, timeout=args.timeout) as client:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return
+            if not line:
+                continue
+            sys.stdout.write("model> ")
+            for delta in client.stream(line, chat=True, system=args.system,
+                                       model_name=args.model_name, **_sampling(args)):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+
+
 def cmd_export(args):
     from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
 
@@ -166,7 +237,7 @@ def cmd_export(args):
 
 
 COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_export,
-            "import": cmd_import}
+            "import": cmd_import, "client": cmd_client, "chat": cmd_chat}
 
 
 def main(argv=None):
@@ -191,7 +262,9 @@ def main(argv=None):
             raise
         message = str(error).strip().splitlines()
         message = message[0] if message else type(error).__name__
-        if not isinstance(error, (UsageError, ValueError, OSError, TypeError)):
+        if hasattr(error, "code") and hasattr(error, "details"):  # grpc.RpcError
+            message = f"server answered {error.code().name}: {error.details()}"
+        elif not isinstance(error, (UsageError, ValueError, OSError, TypeError)):
             message = f"{type(error).__name__}: {message}"
         print(f"keras-llm: error: {message}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""gRPC serving of keras-llm SavedModels (TF Serving API plus streaming).
+"""gRPC serving of keras-llm SavedModels: TF Serving's API plus streaming generation.
 
-Loads what `export` writes; see the project's issue tracker for the serving
-work in progress.
+Imports keras_llm first so tf.keras resolves to tf_keras whatever the server imports.
 """
+
+import keras_llm  # noqa: F401  pylint: disable=unused-import

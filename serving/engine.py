@@ -38,6 +38,10 @@ class QueueFull(EngineError):
     """Too many waiting requests: RESOURCE_EXHAUSTED."""
 
 
+class EngineStopped(EngineError):
+    """This engine takes no new work (retired version or shutdown)."""
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Operator settings.
@@ -68,6 +72,7 @@ class Sampling:
     seed: int = 0
     stop: tuple = ()
     stop_ids: tuple = ()
+    ignore_eos: bool = False
 
 
 class Request:
@@ -172,8 +177,9 @@ class Engine:
         request = Request(prompt_ids, sampling)
         with self._lock:
             if self._stopping:
-                raise QueueFull("server is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
+                raise EngineStopped("this model version is no longer taking requests")
+            free = sum(slot is None for slot in self._slots)
+            if len(self._waiting) - free >= self.config.max_queue:
                 raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
             self._waiting.append(request)
             self._lock.notify()
@@ -281,7 +287,7 @@ class Engine:
             return
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
-        if token in self.stop_ids or token in s.stop_ids:
+        if (token in s.stop_ids) or (token in self.stop_ids and not s.ignore_eos):
             self._finish(index, "stop")
             return
         request.tokens.append(token)

@@ -16,7 +16,7 @@ import keras_llm
 from export.saved_model import export_model
 from serving.engine import EngineConfig
 from serving.protos import generation_pb2, generation_pb2_grpc
-from serving.server import build_server
+from serving.server import Server
 from tests.helpers import byte_level_tokenizer, tiny_model
 
 DEADLINE = 120
@@ -34,11 +34,13 @@ def server(lm, tmp_path_factory):
     base = tmp_path_factory.mktemp("models") / "tiny"
     export_model(lm, base.parent, "tiny", max_new_tokens=16, progress=False)
     config = EngineConfig(max_slots=4, max_queue=3, max_length=128, prompt_bucket=16)
-    srv, servables, _, port = build_server("tiny", str(base), port=0, engine_config=config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield channel, servables
+    srv = Server({"tiny": str(base)}, port=0, engine_config=config, metrics_port=0,
+                 poll_seconds=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    SERVERS[id(srv.servables)] = srv
+    yield channel, srv.servables
     channel.close()
-    srv.stop(0)
+    srv.drain(0)
 
 
 def stream(channel, text=None, ids=None, **sampling):
@@ -193,3 +195,39 @@ def test_cancel_frees_slot_and_queue_limit(server):
     start = time.time()
     _, summary = stream(channel, text="after cancel", max_new_tokens=3)
     assert summary.generated_tokens >= 0 and time.time() - start < 30
+
+
+def test_metrics_are_scraped_and_counted(server, lm):
+    import urllib.request
+    channel, servables = server
+    _, summary = stream(channel, text="count me", max_new_tokens=5, ignore_eos=True)
+    assert summary.generated_tokens == 5
+    # The fixture's server exposes metrics on an ephemeral port.
+    port = server_metrics_port(servables)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    metric = lambda name: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
+                              if line.startswith(name + "{") and 'model="tiny"' in line)
+    assert metric("keras_llm_generation_tokens_total") >= 5
+    assert metric("keras_llm_time_to_first_token_seconds_count") >= 1
+    assert metric("keras_llm_inter_token_latency_seconds_count") >= 4
+    assert metric("keras_llm_queue_time_seconds_count") >= 1
+    assert metric("keras_llm_e2e_request_latency_seconds_count") >= 1
+    assert "keras_llm_requests_running" in text and "keras_llm_requests_waiting" in text
+
+
+def server_metrics_port(servables):
+    return SERVERS[id(servables)].metrics_port
+
+
+SERVERS = {}
+
+
+def test_reflection_lists_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    channel, _ = server
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]), timeout=10)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"tensorflow.serving.PredictionService", "keras_llm.serving.Generation",
+            "grpc.health.v1.Health"} <= names

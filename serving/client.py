@@ -1,0 +1,82 @@
+"""A small client for keras-llm servers (and TF Serving for `predict`).
+
+    from serving.client import Client
+    with Client("127.0.0.1:8500") as client:
+        for delta in client.stream("Hello!", chat=True):
+            print(delta, end="")
+        client.predict("smollm2", ["The capital of France is"])["text"]
+
+Every call carries a deadline (`timeout`, seconds).
+"""
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving.protos import generation_pb2, generation_pb2_grpc
+
+
+class Client:
+    """gRPC client for the Generation stream and TF Serving's Predict.
+
+    Args:
+        target: `host:port`.
+        timeout: deadline of each call in seconds.
+    """
+
+    def __init__(self, target, timeout=300.0):
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 64 << 20)])
+        self.generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.channel.close()
+
+    def stream_responses(self, prompt, chat=False, system="", model_name="", **sampling):
+        """Yield the raw `GenerateResponse`s (deltas, then one summary)."""
+        request = generation_pb2.GenerateRequest(
+            model_name=model_name, chat=chat, system=system,
+            sampling=generation_pb2.SamplingOptions(**sampling))
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.ids.ids.extend(int(t) for t in prompt)
+        yield from self.generation.Generate(request, timeout=self.timeout)
+
+    def stream(self, prompt, **kwargs):
+        """Yield text deltas; the summary is kept in `self.last_summary`."""
+        self.last_summary = None
+        for response in self.stream_responses(prompt, **kwargs):
+            if response.HasField("delta"):
+                if response.delta.text:
+                    yield response.delta.text
+            else:
+                self.last_summary = response.summary
+
+    def generate(self, prompt, **kwargs):
+        """The finished `Summary` (text, token ids, finish reason, timings)."""
+        summary = None
+        for response in self.stream_responses(prompt, **kwargs):
+            if response.HasField("summary"):
+                summary = response.summary
+        return summary
+
+    def predict(self, model_name, prompts, signature_name="serving_default", **inputs):
+        """TF Serving `Predict`: string prompts (plus any other named inputs)."""
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = signature_name
+        request.inputs["prompt"].CopyFrom(tf.make_tensor_proto(np.array(prompts, dtype=object)))
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        response = self.prediction.Predict(request, timeout=self.timeout)
+        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}

@@ -1,0 +1,132 @@
+"""Server lifecycle on loopback: new versions under load, several models, SIGTERM."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import keras_llm
+from export.saved_model import export_model
+from serving.client import Client
+from serving.engine import EngineConfig
+from serving.server import Server
+from tests.helpers import REPO, byte_level_tokenizer, tiny_model
+
+
+def tiny_lm(seed):
+    tokenizer = byte_level_tokenizer(["h e"])
+    return keras_llm.LanguageModel(tiny_model(seed=seed, vocabulary_size=tokenizer.vocabulary_size),
+                                   tokenizer, {"source": f"tiny-{seed}"})
+
+
+def test_new_version_under_load_fails_no_request(tmp_path):
+    first, second = tiny_lm(1), tiny_lm(2)
+    export_model(first, tmp_path, "m", max_new_tokens=8, progress=False)
+    config = EngineConfig(max_slots=4, max_queue=64, max_length=64, prompt_bucket=16)
+    server = Server({"m": str(tmp_path / "m")}, port=0, engine_config=config, poll_seconds=0.2)
+    target = f"127.0.0.1:{server.port}"
+    stop = threading.Event()
+    failures, answers = [], []
+
+    def load():
+        with Client(target, timeout=120) as client:
+            while not stop.is_set():
+                try:
+                    answers.append(list(client.generate("he", max_new_tokens=6,
+                                                        ignore_eos=True).token_ids))
+                except grpc.RpcError as error:
+                    failures.append(error.code())
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            workers = [pool.submit(load) for _ in range(4)]
+            time.sleep(1.0)
+            export_model(second, tmp_path, "m", max_new_tokens=8, progress=False)
+            deadline = time.time() + 120
+            while server.servables.lookup("m").version != 2 and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)
+            stop.set()
+            for w in workers:
+                w.result()
+        assert server.servables.lookup("m").version == 2
+        assert failures == []
+        old = first.generate("he", max_new_tokens=6, stop_ids=()).token_ids
+        new = second.generate("he", max_new_tokens=6, stop_ids=()).token_ids
+        assert old != new
+        assert set(map(tuple, answers)) <= {tuple(old), tuple(new)}
+        assert answers[-1] == new and old in answers
+    finally:
+        stop.set()
+        server.drain(0)
+
+
+def test_model_config_file_serves_several_models(tmp_path):
+    export_model(tiny_lm(1), tmp_path, "a", max_new_tokens=4, progress=False)
+    export_model(tiny_lm(2), tmp_path, "b", max_new_tokens=4, progress=False)
+    config_path = tmp_path / "models.config"
+    config_path.write_text(
+        "model_config_list {\n"
+        f'  config {{ name: "a" base_path: "{tmp_path / "a"}" model_platform: "tensorflow" }}\n'
+        f'  config {{ name: "b" base_path: "{tmp_path / "b"}" model_platform: "tensorflow" }}\n'
+        "}\n")
+    from serving.server import read_model_config
+    models = read_model_config(str(config_path))
+    assert models == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    server = Server(models, port=0, engine_config=EngineConfig(max_slots=2, max_length=64,
+                                                               prompt_bucket=16), poll_seconds=0)
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+            a = client.generate("he", model_name="a", max_new_tokens=4, ignore_eos=True)
+            b = client.generate("he", model_name="b", max_new_tokens=4, ignore_eos=True)
+            assert list(a.token_ids) != list(b.token_ids)
+            assert client.predict("b", ["he"])["num_tokens"].shape == (1,)
+    finally:
+        server.drain(0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_running_requests(tmp_path):
+    export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port), "--model_name", "m",
+         "--model_base_path", str(tmp_path / "m"), "--max_slots", "2", "--max_length", "256"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + 300
+        status = None
+        while time.time() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError:
+                time.sleep(0.3)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            responses = client.stream_responses("he", max_new_tokens=150, ignore_eos=True)
+            next(responses)  # the request is running
+            proc.send_signal(signal.SIGTERM)
+            summary = [r for r in responses if r.HasField("summary")][0].summary
+            assert summary.generated_tokens == 150 and summary.finish_reason == "length"
+        assert proc.wait(timeout=120) == 0
+        logs = proc.stderr.read()
+        assert '"event": "stopped"' in logs and '"event": "request"' in logs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
