@@ -106,7 +106,7 @@ def main(argv=None):
     print(f"model: {args.model}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new "
           f"tokens, greedy; medians of {args.repeats} (min-max)")
     p = report["prefill_tokens_per_s"]
-    print(f"| measurement | tokens/s |\n|---|---|")
+    print("| measurement | tokens/s |\n|---|---|")
     print(f"| prefill, {args.prefill_tokens}-token prompt | {p['median']:.0f} ({p['min']:.0f}-{p['max']:.0f}) |")
     for batch, row in report["decode"].items():
         r = row["tokens_per_s"]

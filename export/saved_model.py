@@ -297,7 +297,7 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
     write_serving_configs(base, model_name, jit_compile)
     if progress:
         print(f"exported {model_name} version {version} to {target} "
-              f"in {time.perf_counter() - start:.1f}s", flush=True)
+              f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return target
 
 

@@ -4,7 +4,6 @@ import concurrent.futures
 import time
 
 import grpc
-import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -1,7 +1,6 @@
 """Server lifecycle on loopback: new versions under load, several models, SIGTERM."""
 
 import concurrent.futures
-import os
 import signal
 import socket
 import subprocess
@@ -10,7 +9,6 @@ import threading
 import time
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import keras_llm

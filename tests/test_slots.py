@@ -2,7 +2,6 @@
 both in process and from an exported SavedModel."""
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from export.saved_model import export_model

@@ -1,0 +1,24 @@
+"""Model optimization: TF-MOT pruning, int8 weight quantization, quality metrics.
+
+`QuantizedDense` (the int8 layer) lives in `keras_llm.layers`, so
+`tf.keras.models.load_model` reads int8 model files once keras_llm is imported.
+"""
+
+from keras_llm.optimize.metrics import perplexity_and_fidelity
+from keras_llm.optimize.pruning import measure_sparsity, prune
+from keras_llm.optimize.quantize import (QuantizedDense, dequantized_model, qat_model,
+                                         quantization_aware_fine_tune, quantize_kernel,
+                                         quantize_model, quantize_weights)
+
+__all__ = [
+    "QuantizedDense",
+    "dequantized_model",
+    "measure_sparsity",
+    "perplexity_and_fidelity",
+    "prune",
+    "qat_model",
+    "quantization_aware_fine_tune",
+    "quantize_kernel",
+    "quantize_model",
+    "quantize_weights",
+]
