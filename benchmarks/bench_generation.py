@@ -9,7 +9,6 @@ whole sequence for every new token), and prints the ratio.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 import numpy as np
 
 import keras_llm
-from benchmarks.common import Timer, machine, prompt_ids, summarize
+from benchmarks.common import write_report, Timer, machine, prompt_ids, summarize
 
 
 def bench_prefill(lm, length, repeats):
@@ -116,9 +115,7 @@ def main(argv=None):
     print(f"speed-up at batch 1 over the starting document's way: "
           f"{report['speedup_vs_document_way_batch1']:.1f}x "
           f"(same greedy tokens: {report['document_way']['same_tokens']})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+    write_report(args.json, report)
     return 0
 
 

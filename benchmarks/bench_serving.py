@@ -10,7 +10,6 @@ the time to first token of a 128-token prompt at concurrency 1.
 
 import argparse
 import concurrent.futures
-import json
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.common import machine, prompt_ids, summarize
+from benchmarks.common import write_report, machine, prompt_ids, summarize
 from serving.client import Client
 
 
@@ -136,9 +135,7 @@ def main(argv=None):
         concurrent_rate = report["throughput"][16]["tokens_per_s"]["median"]
         print(f"16 streams concurrently vs one after another: {concurrent_rate:.1f} vs "
               f"{sequential_rate:.1f} tokens/s ({concurrent_rate / sequential_rate:.1f}x)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+    write_report(args.json, report)
     return 0
 
 

@@ -65,6 +65,15 @@ def summarize(values):
             "n": len(values)}
 
 
+def write_report(path, report):
+    """Write a benchmark's results as JSON (no-op without a path)."""
+    if path:
+        import json  # pylint: disable=import-outside-toplevel
+
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

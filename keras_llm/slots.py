@@ -43,7 +43,8 @@ class SlotCacheContext(KVCacheContext):
         return (self.row_index - self.key_start)[:, tf.newaxis]  # (N, 1)
 
     def update(self, layer_index, keys, values):
-        """Scatter `(N, KV, 1, D)` into each row's position; return the buffers."""
+        """Scatter `(k, KV, 1, D)` into rows `0..k-1` at each row's position;
+        return those rows of the buffers, `(k, KV, S, D)`."""
         key_var, value_var = self.caches[layer_index]
         rows, heads = tf.shape(keys)[0], tf.shape(keys)[1]
         row = tf.repeat(tf.range(rows), heads)  # (N*KV,)
@@ -54,7 +55,7 @@ class SlotCacheContext(KVCacheContext):
         key_var.scatter_nd_update(indices, tf.reshape(tf.cast(keys, key_var.dtype), [-1, width]))
         value_var.scatter_nd_update(indices,
                                     tf.reshape(tf.cast(values, value_var.dtype), [-1, width]))
-        return key_var.read_value(), value_var.read_value()
+        return key_var.read_value()[:rows], value_var.read_value()[:rows]
 
     def attention_mask(self, length, max_length):
         slots = tf.range(max_length, dtype=tf.int32)[tf.newaxis, :]
@@ -131,10 +132,12 @@ class SlotDecoder(tf.Module):
         return token, self._stopped(token)
 
     def _decode(self, tokens, index, key_start, step, temperature, top_k, top_p, seed):
-        """Feed `tokens (N,)` at positions `index (N,)` of every slot and sample
-        the next token of each (its `step`-th generated token).
+        """Feed `tokens (k,)` at positions `index (k,)` of slots `0..k-1` and
+        sample the next token of each (its `step`-th generated token). Slots
+        from `k` on are untouched, so a scheduler that keeps running requests
+        in low slots pays for `k` rows, not for every allocated slot.
 
-        Returns (next tokens (N,), stopped (N,)).
+        Returns (next tokens (k,), stopped (k,)).
         """
         context = SlotCacheContext(self.cache, index, key_start)
         with context.active():

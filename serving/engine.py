@@ -190,8 +190,24 @@ class Engine:
             return {"running": sum(s is not None for s in self._slots),
                     "waiting": len(self._waiting)}
 
-    def warmup(self):
-        """Compile prefill and decode before taking traffic."""
+    def warmup(self, prompt_buckets=2):
+        """Compile before taking traffic: prefill for the first prompt buckets
+        and decode for every row count a step can have (1, 2, 4, ... slots)."""
+        engine = self.module.engine
+        sampling = [tf.zeros([1]), tf.zeros([1], tf.int32), tf.ones([1]), tf.zeros([1], tf.int32)]
+        for k in range(1, prompt_buckets + 1):
+            length = min(k * self.config.prompt_bucket, self.max_length)
+            engine.prefill(tf.fill([1, length], self.pad_id), tf.zeros([1], tf.int32),
+                           tf.constant(0), *sampling)
+        rows = 1
+        while True:
+            rows = min(rows, self.num_slots)
+            zeros = tf.zeros([rows], tf.int32)
+            engine.decode(zeros, zeros, zeros, zeros, tf.zeros([rows]), zeros, tf.ones([rows]),
+                          zeros)
+            if rows == self.num_slots:
+                break
+            rows *= 2
         request = self.submit(self.tokenizer.encode("Hello") or [0], Sampling(max_new_tokens=2))
         while request.events.get()[0] != "done":
             pass
@@ -251,8 +267,17 @@ class Engine:
         self._slots[index] = slot
         self._emit(index, int(token.numpy()[0]))
 
+    def _rows(self):
+        """Rows a decode step covers: past the highest busy slot, rounded up to
+        a power of two (each size is one compiled program)."""
+        highest = max(i for i, slot in enumerate(self._slots) if slot is not None)
+        rows = 1
+        while rows <= highest:
+            rows *= 2
+        return min(rows, self.num_slots)
+
     def _step(self):
-        n = self.num_slots
+        n = self._rows()
         tokens = np.zeros([n], np.int32)
         position = np.zeros([n], np.int32)
         key_start = np.zeros([n], np.int32)
@@ -261,7 +286,7 @@ class Engine:
         top_k = np.zeros([n], np.int32)
         top_p = np.ones([n], np.float32)
         seed = np.zeros([n], np.int32)
-        for i, slot in enumerate(self._slots):
+        for i, slot in enumerate(self._slots[:n]):
             if slot is None:
                 continue
             r = slot.request
@@ -274,7 +299,7 @@ class Engine:
         nxt, _ = self.module.engine.decode(tokens, position, key_start, step,
                                            temperature, top_k, top_p, seed)
         nxt = nxt.numpy()
-        for i, slot in enumerate(self._slots):
+        for i, slot in enumerate(self._slots[:n]):
             if slot is not None:
                 self._emit(i, int(nxt[i]))
 

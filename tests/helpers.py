@@ -1,7 +1,6 @@
 """Test helpers shared by the suite: tiny models and round-trip checks."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,16 @@ def byte_level_tokenizer(merges=(), specials=("<|endoftext|>", "<|im_start|>", "
                              chat_template=None)
 
 
-def env_without_keras_llm_home(tmp_path):
-    env = dict(os.environ)
-    env["KERAS_LLM_HOME"] = str(tmp_path)
-    return env
+def tiny_language_model(seed=0, merges=("h e", "l l", "he ll"), source="tiny"):
+    """A `LanguageModel` of a tiny model and a tiny byte-level tokenizer."""
+    import keras_llm
+
+    tokenizer = byte_level_tokenizer(list(merges))
+    model = tiny_model(seed=seed, vocabulary_size=tokenizer.vocabulary_size)
+    return keras_llm.LanguageModel(model, tokenizer, {"source": source})
+
+
+def random_token_batches(seed=0, count=3, shape=(4, 17), vocabulary_size=300):
+    """Reproducible batches of token ids for training and evaluation tests."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocabulary_size, shape).astype(np.int32) for _ in range(count)]

@@ -14,7 +14,7 @@ import tensorflow as tf
 import keras_llm
 from export.saved_model import SIGNATURES, ExportError, export_model
 from keras_llm import cli
-from tests.helpers import REPO, byte_level_tokenizer, tiny_model
+from tests.helpers import REPO, tiny_language_model
 
 PROMPTS = ["hello", "a much longer prompt, with punctuation!", "ü"]
 RUNNER = str(REPO / "tests" / "saved_model_runner.py")
@@ -22,9 +22,7 @@ RUNNER = str(REPO / "tests" / "saved_model_runner.py")
 
 @pytest.fixture(scope="module")
 def lm():
-    tokenizer = byte_level_tokenizer(["h e", "l l", "he ll"])
-    return keras_llm.LanguageModel(tiny_model(seed=4, vocabulary_size=tokenizer.vocabulary_size),
-                                   tokenizer, {"source": "tiny-test"})
+    return tiny_language_model(seed=4, source="tiny-test")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ from keras_llm.generation import Generator, SamplingParams
 from keras_llm.models import config_from_model
 from keras_llm.optimize import measure_sparsity, perplexity_and_fidelity, prune
 from keras_llm.optimize.pruning import _kernels_from_file, two_four_ok, wrap_for_pruning
-from tests.helpers import tiny_model
+from tests.helpers import random_token_batches, tiny_model
 
 IDS = tf.constant([[5, 17, 42, 8, 99, 3]])
 
 
 def _batches(seed=0, count=3, shape=(4, 17)):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, 300, shape).astype(np.int32) for _ in range(count)]
+    return random_token_batches(seed, count, shape)
 
 
 @pytest.fixture(scope="module")

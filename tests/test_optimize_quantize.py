@@ -13,14 +13,13 @@ from keras_llm.optimize import (QuantizedDense, dequantized_model, perplexity_an
                                 qat_model, quantization_aware_fine_tune, quantize_kernel,
                                 quantize_model, quantize_weights)
 from keras_llm.optimize.quantize import float_model_from_qat
-from tests.helpers import tiny_model
+from tests.helpers import random_token_batches, tiny_model
 
 IDS = tf.constant([[5, 17, 42, 8, 99, 3]])
 
 
 def _batches(seed=0, count=2, shape=(2, 12)):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, 300, shape).astype(np.int32) for _ in range(count)]
+    return random_token_batches(seed, count, shape)
 
 
 @pytest.fixture(scope="module")

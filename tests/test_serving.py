@@ -11,21 +11,18 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-import keras_llm
 from export.saved_model import export_model
 from serving.engine import EngineConfig
 from serving.protos import generation_pb2, generation_pb2_grpc
 from serving.server import Server
-from tests.helpers import byte_level_tokenizer, tiny_model
+from tests.helpers import tiny_language_model
 
 DEADLINE = 120
 
 
 @pytest.fixture(scope="module")
 def lm():
-    tokenizer = byte_level_tokenizer(["h e", "l l", "he ll"])
-    return keras_llm.LanguageModel(tiny_model(seed=6, vocabulary_size=tokenizer.vocabulary_size),
-                                   tokenizer, {"source": "tiny"})
+    return tiny_language_model(seed=6)
 
 
 @pytest.fixture(scope="module")

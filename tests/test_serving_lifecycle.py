@@ -11,18 +11,15 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import keras_llm
 from export.saved_model import export_model
 from serving.client import Client
 from serving.engine import EngineConfig
 from serving.server import Server
-from tests.helpers import REPO, byte_level_tokenizer, tiny_model
+from tests.helpers import REPO, tiny_language_model
 
 
 def tiny_lm(seed):
-    tokenizer = byte_level_tokenizer(["h e"])
-    return keras_llm.LanguageModel(tiny_model(seed=seed, vocabulary_size=tokenizer.vocabulary_size),
-                                   tokenizer, {"source": f"tiny-{seed}"})
+    return tiny_language_model(seed=seed, merges=["h e"], source=f"tiny-{seed}")
 
 
 def test_new_version_under_load_fails_no_request(tmp_path):

@@ -5,10 +5,9 @@ import numpy as np
 import tensorflow as tf
 
 from export.saved_model import export_model
-import keras_llm
 from keras_llm.generation import Generator, SamplingParams
 from keras_llm.slots import SlotDecoder
-from tests.helpers import byte_level_tokenizer, tiny_model
+from tests.helpers import tiny_language_model, tiny_model
 
 BUCKET = 16
 
@@ -83,9 +82,8 @@ def test_allocate_reports_cache_bytes():
 
 
 def test_engine_from_exported_savedmodel(tmp_path):
-    tokenizer = byte_level_tokenizer(["h e"])
-    model = tiny_model(seed=5, vocabulary_size=tokenizer.vocabulary_size)
-    lm = keras_llm.LanguageModel(model, tokenizer, {})
+    lm = tiny_language_model(seed=5, merges=["h e"])
+    model, tokenizer = lm.model, lm.tokenizer
     path = export_model(lm, tmp_path, "tiny", max_new_tokens=8, progress=False)
     loaded = tf.saved_model.load(path)
     requests = [(0, [40, 41, 42], 8, 0.0, 0), (1, [70], 5, 0.7, 11)]
