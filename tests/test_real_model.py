@@ -87,3 +87,40 @@ def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, refe
         n = result["num_tokens"][row]
         assert result["token_ids"][row][:n] == completion.token_ids == item["greedy24"][:n]
         assert result["text"][row] == completion.text
+
+
+def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
+    """The real server on loopback with SmolLM2: Predict with TF Serving's stubs,
+    streaming (non-ASCII intact), and concurrent streams equal to alone."""
+    import concurrent.futures
+
+    from export.saved_model import export_model
+    from serving.client import Client
+    from serving.engine import EngineConfig
+    from serving.server import Server
+
+    export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False)
+    server = Server({"smollm2": str(tmp_path / "smollm2")}, port=0, poll_seconds=0,
+                    engine_config=EngineConfig(max_slots=2, max_length=256))
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=600) as client:
+            item = reference["generation"][0]
+            out = client.predict("smollm2", [item["prompt"]])
+            assert out["token_ids"][0][:out["num_tokens"][0]].tolist() == item["greedy24"]
+            chinese = reference["generation"][1]
+            deltas = list(client.stream(chinese["prompt_ids"], max_new_tokens=24))
+            summary = client.last_summary
+            assert list(summary.token_ids) == chinese["greedy24"]
+            assert "".join(deltas) == summary.text == smollm2.tokenizer.decode(chinese["greedy24"])
+            assert "你好" in summary.text
+        prompts = [i["prompt_ids"] for i in reference["generation"]]
+
+        def one(ids):
+            with Client(f"127.0.0.1:{server.port}", timeout=600) as c:
+                return list(c.generate(ids, max_new_tokens=24).token_ids)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(one, prompts))
+        assert together == [i["greedy24"] for i in reference["generation"]]
+    finally:
+        server.drain(0)

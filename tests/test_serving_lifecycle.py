@@ -125,3 +125,23 @@ def test_sigterm_drains_running_requests(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sixteen_concurrent_streams_equal_alone(tmp_path):
+    lm = tiny_lm(7)
+    export_model(lm, tmp_path, "m", max_new_tokens=12, progress=False)
+    config = EngineConfig(max_slots=16, max_queue=16, max_length=64, prompt_bucket=16)
+    server = Server({"m": str(tmp_path / "m")}, port=0, engine_config=config, poll_seconds=0)
+    prompts = [f"stream {i} " + "h" * (i % 5) for i in range(16)]
+    try:
+        def one(prompt):
+            with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+                return list(client.generate(prompt, max_new_tokens=12).token_ids)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(one, prompts))
+        alone = [one(p) for p in prompts]
+        assert together == alone
+        assert together == [lm.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    finally:
+        server.drain(0)
