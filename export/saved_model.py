@@ -41,6 +41,7 @@ import tensorflow as tf
 
 import keras_llm
 from keras_llm.generation import Generator
+from keras_llm.models import find_layer
 from keras_llm.slots import SlotDecoder
 
 SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
@@ -75,6 +76,7 @@ class GenerationModule(tf.Module):
         self.tokenizer = lm.tokenizer
         config = lm.config
         self._context = config.context_length
+        self._vocabulary_size = config.vocabulary_size
         self._max_new = int(max_new_tokens)
         if not 0 < self._max_new < self._context:
             raise ExportError(f"max_new_tokens must be in [1, {self._context}), got {max_new_tokens}")
@@ -142,7 +144,7 @@ class GenerationModule(tf.Module):
                 longest + most_new, self._context,
                 message=f"prompt plus max_new_tokens exceeds the context length {self._context}"),
             tf.debugging.assert_less(
-                tf.reduce_max(ragged_ids.flat_values), self.model.get_layer("token_embedding").input_dim,
+                tf.reduce_max(ragged_ids.flat_values), self._vocabulary_size,
                 message="token id out of range"),
             tf.debugging.assert_non_negative(ragged_ids.flat_values, message="negative token id"),
         ]
@@ -269,7 +271,7 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
             "preset": lm.metadata.get("preset"),
             "architecture": lm.metadata.get("architecture", "llama"),
             "config": lm.config.to_dict(),
-            "dtype": lm.model.get_layer("layer_0_query").compute_dtype,
+            "dtype": find_layer(lm.model, "layer_0_query").compute_dtype,
             "quantization": lm.metadata.get("quantization"),
             "sparsity": lm.metadata.get("sparsity"),
             "tokenizer": {"type": "byte_level_bpe", "vocabulary_size": lm.tokenizer.vocabulary_size,

@@ -92,6 +92,7 @@ class Request:
         self.first_token_at = None
         self.tokens = []
         self.text = ""
+        self.sent = 0  # characters of `text` already sent as deltas
 
     def cancel(self):
         self.cancelled.set()
@@ -317,30 +318,37 @@ class Engine:
             return
         request.tokens.append(token)
         slot.last_token = token
-        delta = slot.decoder.push(token)
-        request.text += delta
+        request.text += slot.decoder.push(token)
         if s.stop:
-            hit = min((request.text.find(x) for x in s.stop if x in request.text), default=-1)
-            if hit >= 0:
-                keep = len(request.text) - hit
-                request.text = request.text[:hit]
-                delta = delta[:max(len(delta) - keep, 0)]
-                if delta:
-                    request.events.put(("delta", delta, [token]))
+            hits = [request.text.find(x) for x in s.stop if x in request.text]
+            if hits:
+                request.text = request.text[:min(hits)]
+                self._release(request, [token], len(request.text))
                 self._finish(index, "stop")
                 return
-        request.events.put(("delta", delta, [token]))
+            # Hold back what could still become the start of a stop string.
+            longest = max(len(x) for x in s.stop)
+            self._release(request, [token], len(request.text) - (longest - 1))
+        else:
+            self._release(request, [token], len(request.text))
         if len(request.tokens) >= s.max_new_tokens:
             self._finish(index, "length")
+
+    @staticmethod
+    def _release(request, token_ids, upto):
+        """Send text up to character `upto` that was not sent yet, with `token_ids`."""
+        upto = max(upto, request.sent)
+        request.events.put(("delta", request.text[request.sent:upto], token_ids))
+        request.sent = upto
 
     def _finish(self, index, reason):
         slot = self._slots[index]
         self._slots[index] = None
         request = slot.request
-        tail = slot.decoder.flush() if reason != "stop" or not request.sampling.stop else ""
-        if tail:
-            request.text += tail
-            request.events.put(("delta", tail, []))
+        if reason != "stop":
+            request.text += slot.decoder.flush()
+        if len(request.text) > request.sent:
+            self._release(request, [], len(request.text))
         request.events.put(("done", self._summary(request, reason)))
 
     def _summary(self, request, reason):

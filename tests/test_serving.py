@@ -227,3 +227,75 @@ def test_reflection_lists_services(server):
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"tensorflow.serving.PredictionService", "keras_llm.serving.Generation",
             "grpc.health.v1.Health"} <= names
+
+
+def test_client_commands(server, capsys, monkeypatch):
+    import io
+    import json as json_lib
+
+    from keras_llm import cli
+    channel, servables = server
+    target = f"127.0.0.1:{SERVERS[id(servables)].port}"
+    assert cli.main(["client", "--target", target, "--prompt", "hello", "--max-new-tokens", "5",
+                     "--json"]) == 0
+    record = json_lib.loads(capsys.readouterr().out)
+    _, summary = stream(channel, text="hello", max_new_tokens=5)
+    assert record["token_ids"] == list(summary.token_ids) and record["text"] == summary.text
+    assert cli.main(["client", "--target", target, "--predict", "--model_name", "tiny",
+                     "--prompt", "hello", "--json"]) == 0
+    assert "text" in json_lib.loads(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert cli.main(["chat", "--target", target, "--max-new-tokens", "4"]) == 0
+    assert "model> " in capsys.readouterr().out
+    assert cli.main(["client", "--target", target, "--model_name", "nope", "--prompt", "x"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_kv_cache_sized_from_memory_budget_and_batching_file(server, tmp_path):
+    from serving.engine import Engine
+    from serving.server import read_batching_parameters
+    _, servables = server
+    path = servables.lookup("tiny").path
+    per_slot = servables.lookup("tiny").engine.bytes_per_slot
+    engine = Engine(path, EngineConfig(max_slots=16, max_length=128, prompt_bucket=16,
+                                       memory_budget_bytes=int(per_slot * 2.5)))
+    try:
+        assert engine.num_slots == 2 and engine.bytes_per_slot == per_slot
+        # 2 layers x (K, V) x 2 KV heads x 4 dims x 128 positions x 4 bytes
+        assert per_slot == 2 * 2 * 2 * 4 * 128 * 4
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="below one slot"):
+        Engine(path, EngineConfig(max_length=128, memory_budget_bytes=per_slot // 2))
+    batching = tmp_path / "batching.pbtxt"
+    batching.write_text("max_batch_size { value: 8 }\nmax_enqueued_batches { value: 20 }\n"
+                        "batch_timeout_micros { value: 5000 }\n")
+    config = read_batching_parameters(str(batching), EngineConfig())
+    assert (config.max_slots, config.max_queue) == (8, 20)
+
+
+def test_stop_strings_and_deadline(lm, server):
+    channel, servables = server
+    _, full = stream(channel, text="hello", max_new_tokens=12, ignore_eos=True)
+    text = full.text
+    assert len(text) > 4
+    for start in (2, 3):  # stop strings spanning token boundaries are held back, never sent
+        cut = text[start:start + 2]
+        deltas, summary = stream(channel, text="hello", max_new_tokens=12, ignore_eos=True,
+                                 stop=[cut, "\x00never"])
+        assert summary.finish_reason == "stop"
+        assert summary.text == text[:text.index(cut)] == "".join(d.text for d in deltas)
+        assert cut not in summary.text
+    # A deadline that passes mid-generation ends the call and frees the slot.
+    engine = servables.lookup("tiny").engine
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    request = generation_pb2.GenerateRequest(
+        text="a", sampling=generation_pb2.SamplingOptions(max_new_tokens=100, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stub.Generate(request, timeout=0.3):
+            time.sleep(0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 30
+    while engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0

@@ -96,10 +96,11 @@ def _free_port():
 
 def test_sigterm_drains_running_requests(tmp_path):
     export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
-    port = _free_port()
+    port, profiler_port = _free_port(), _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port), "--model_name", "m",
-         "--model_base_path", str(tmp_path / "m"), "--max_slots", "2", "--max_length", "256"],
+         "--model_base_path", str(tmp_path / "m"), "--max_slots", "2", "--max_length", "256",
+         "--profiler_port", str(profiler_port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -113,6 +114,8 @@ def test_sigterm_drains_running_requests(tmp_path):
             except grpc.RpcError:
                 time.sleep(0.3)
         assert status == health_pb2.HealthCheckResponse.SERVING
+        # TensorBoard's Profile tab can reach the profiler server.
+        socket.create_connection(("127.0.0.1", profiler_port), timeout=10).close()
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             responses = client.stream_responses("he", max_new_tokens=150, ignore_eos=True)
             next(responses)  # the request is running
