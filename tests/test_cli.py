@@ -91,3 +91,22 @@ def test_console_script_subprocess_no_traceback(model_dir, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "keras-llm: error:" in bad.stderr
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_model_file_with_tokenizer_beside_it(capsys, model_dir, tmp_path, suffix):
+    import shutil
+
+    model, tokenizer, _ = saving.load_model_dir(model_dir)
+    path = tmp_path / f"model{suffix}"
+    model.save(str(path))
+    shutil.copy(os.path.join(model_dir, saving.TOKENIZER_FILE), tmp_path)
+    code, out, err = run(capsys, "generate", "--model", str(path), "--prompt", "hello",
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    code, expected, _ = run(capsys, "generate", "--model", model_dir, "--prompt", "hello",
+                            "--max-new-tokens", "4", "--json")
+    assert json.loads(out)["token_ids"] == json.loads(expected)["token_ids"]
+    os.remove(tmp_path / saving.TOKENIZER_FILE)
+    code, _, err = run(capsys, "generate", "--model", str(path), "--prompt", "hello")
+    assert code == 2 and "no tokenizer" in err
