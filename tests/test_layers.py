@@ -70,12 +70,15 @@ def _numpy_attention(q, k, v, heads, kv_heads, dim, theta):
     return out.reshape(b, t, heads * dim)
 
 
+def _random_qkv(batch, length, heads, kv, dim):
+    """Random query, key and value projections `(B, T, H*D)`, `(B, T, KV*D)` x 2."""
+    return [RNG.normal(size=(batch, length, n * dim)).astype("float32") for n in (heads, kv, kv)]
+
+
 def test_attention_matches_numpy_gqa_causal():
     heads, kv, dim = 4, 2, 8
     layer = CachedAttention(heads, kv, dim, rope_theta=500.0, layer_index=0)
-    q = RNG.normal(size=(2, 6, heads * dim)).astype("float32")
-    k = RNG.normal(size=(2, 6, kv * dim)).astype("float32")
-    v = RNG.normal(size=(2, 6, kv * dim)).astype("float32")
+    q, k, v = _random_qkv(2, 6, heads, kv, dim)
     out = layer([q, k, v]).numpy()
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, heads, kv, dim, 500.0),
                                rtol=1e-4, atol=1e-5)
@@ -85,9 +88,7 @@ def test_attention_matches_numpy_gqa_causal():
 def test_attention_with_cache_matches_full_and_respects_left_padding():
     heads, kv, dim = 4, 2, 8
     layer = CachedAttention(heads, kv, dim, rope_theta=500.0, layer_index=1)
-    q = RNG.normal(size=(1, 5, heads * dim)).astype("float32")
-    k = RNG.normal(size=(1, 5, kv * dim)).astype("float32")
-    v = RNG.normal(size=(1, 5, kv * dim)).astype("float32")
+    q, k, v = _random_qkv(1, 5, heads, kv, dim)
     full = layer([q, k, v]).numpy()
     # Left-pad by 3 garbage tokens; key_start hides them.
     pad = lambda a: np.concatenate([RNG.normal(size=(1, 3, a.shape[-1])).astype("float32"), a], 1)  # noqa: E731
