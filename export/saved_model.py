@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_llm
-from keras_llm.generation import Generator
+from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
 from keras_llm.slots import SlotDecoder
 
@@ -52,10 +52,6 @@ WARMUP_PROMPTS = ("Hello!", "The capital of France is")
 
 class ExportError(ValueError):
     """Bad export arguments; nothing was written."""
-
-
-def _round_up(value, multiple):
-    return (value + multiple - 1) // multiple * multiple
 
 
 class GenerationModule(tf.Module):
@@ -149,8 +145,8 @@ class GenerationModule(tf.Module):
             tf.debugging.assert_non_negative(ragged_ids.flat_values, message="negative token id"),
         ]
         with tf.control_dependencies(checks):
-            prompt_length = tf.minimum(_round_up(longest, self._prompt_bucket), self._context)
-            cache_length = tf.minimum(_round_up(prompt_length + most_new, self._cache_bucket),
+            prompt_length = tf.minimum(round_up(longest, self._prompt_bucket), self._context)
+            cache_length = tf.minimum(round_up(prompt_length + most_new, self._cache_bucket),
                                       self._context)
             # Near the context limit the bucket may not fit: use the exact length.
             prompt_length = tf.where(cache_length < prompt_length + most_new, longest, prompt_length)

@@ -68,8 +68,9 @@ class Generation:
     prompt_length: int
 
 
-def _round_up(value, multiple):
-    return -(-value // multiple) * multiple
+def round_up(value, multiple):
+    """`value` rounded up to a multiple of `multiple` (ints or int tensors)."""
+    return (value + multiple - 1) // multiple * multiple
 
 
 class Generator:
@@ -186,8 +187,8 @@ class Generator:
             raise ValueError(
                 f"prompt of {longest} tokens plus {params.max_new_tokens} new tokens "
                 f"exceeds the context length of {c.context_length}")
-        prompt_length = min(_round_up(longest, self.prompt_bucket), c.context_length)
-        cache_length = min(_round_up(prompt_length + max(params.max_new_tokens, 1),
+        prompt_length = min(round_up(longest, self.prompt_bucket), c.context_length)
+        cache_length = min(round_up(prompt_length + max(params.max_new_tokens, 1),
                                      self.cache_bucket), c.context_length)
         if cache_length < prompt_length + params.max_new_tokens:
             # Bucket rounding hit the context: use the exact prompt length.

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  pylint: disable=unused-import  (registers the SavedModel's ops)
 
+from keras_llm.generation import round_up
 from keras_llm.tokenizer import BytePairTokenizer
 
 LOG = logging.getLogger("keras_llm.serving.engine")
@@ -224,8 +225,7 @@ class Engine:
     # ----- scheduler -------------------------------------------------------
 
     def _bucket(self, length):
-        b = self.config.prompt_bucket
-        return min(-(-length // b) * b, self.max_length)
+        return min(round_up(length, self.config.prompt_bucket), self.max_length)
 
     def _loop(self):
         while True:
