@@ -10,6 +10,7 @@ the time to first token of a 128-token prompt at concurrency 1.
 
 import argparse
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import socket
@@ -30,46 +31,80 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(base, name, port, max_slots, max_length):
+def start_server(base, name, port, max_slots, max_length, extra_args=()):
+    """`keras-llm serve` on `base/name` as its own process; returns it once SERVING."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port), "--model_name",
          name, "--model_base_path", os.path.join(base, name), "--max_slots", str(max_slots),
-         "--max_length", str(max_length)],
+         "--max_length", str(max_length), *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        stop_server(proc)
+        raise RuntimeError("server did not become SERVING in 600 s")
+    finally:
+        channel.close()
+
+
+def stop_server(proc, timeout=120):
+    """SIGTERM (drain), then SIGKILL if it does not end in `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                return proc
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not become SERVING in 600 s")
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclasses.dataclass
+class Streams:
+    """Concurrent streams, per stream: tokens generated, their ids, and the
+    seconds from the start of that stream to its first and last token."""
+
+    tokens: list
+    token_ids: list
+    first_token_s: list
+    last_token_s: list
+    seconds: float  # wall time of all streams together
 
 
 def run_streams(target, prompts, new_tokens):
+    """Stream greedy generations for all `prompts` at once; returns `Streams`."""
+
     def one(prompt):
         with Client(target) as client:
             start = time.perf_counter()
-            first = None
+            first = last = summary = None
             for response in client.stream_responses(prompt, max_new_tokens=new_tokens,
                                                     ignore_eos=True):
-                if first is None and response.HasField("delta"):
-                    first = time.perf_counter() - start
+                now = time.perf_counter() - start
                 if response.HasField("summary"):
-                    return response.summary.generated_tokens, first
-        return 0, first
+                    summary = response.summary
+                elif response.delta.token_ids:
+                    first = now if first is None else first
+                    last = now
+        if summary is None:
+            raise RuntimeError("stream ended without a summary")
+        return summary.generated_tokens, list(summary.token_ids), first, last
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(one, prompts))
     seconds = time.perf_counter() - start
-    return sum(r[0] for r in results), [r[1] for r in results], seconds
+    return Streams(*(list(column) for column in zip(*results)), seconds)
 
 
 def main(argv=None):
@@ -101,24 +136,23 @@ def main(argv=None):
             run_streams(target, prompts, 8)  # warm the shapes
             rates, ttfts = [], []
             for _ in range(args.repeats):
-                tokens, firsts, seconds = run_streams(target, prompts, args.new_tokens)
-                rates.append(tokens / seconds)
-                ttfts.extend(firsts)
+                streams = run_streams(target, prompts, args.new_tokens)
+                rates.append(sum(streams.tokens) / streams.seconds)
+                ttfts.extend(streams.first_token_s)
             report["throughput"][level] = {"tokens_per_s": summarize(rates),
                                            "time_to_first_token_s": summarize(ttfts)}
         long_prompt = [prompt_ids(tokenizer, args.ttft_prompt_tokens)]
         run_streams(target, long_prompt, 2)
-        firsts = [run_streams(target, long_prompt, 2)[1][0] for _ in range(5)]
+        firsts = [run_streams(target, long_prompt, 2).first_token_s[0] for _ in range(5)]
         report["ttft_128_prompt_s"] = summarize(firsts)
         sequential_rate = None
         if 16 in levels:
             prompts = [prompt_ids(tokenizer, args.prompt_tokens, offset=5 * i) for i in range(16)]
             runs = [run_streams(target, [p], args.new_tokens) for p in prompts]
-            sequential_rate = sum(r[0] for r in runs) / sum(r[2] for r in runs)
+            sequential_rate = sum(r.tokens[0] for r in runs) / sum(r.seconds for r in runs)
             report["sequential_16_tokens_per_s"] = sequential_rate
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        stop_server(server)
     m = report["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores; TF {m['tensorflow']}; "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, through gRPC")

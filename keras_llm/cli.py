@@ -5,6 +5,7 @@
     keras-llm export --model smollm2 --model_base_path DIR --model_name NAME
     keras-llm import --model FILE.gguf --output DIR
     keras-llm serve --port 8500 --model_name NAME --model_base_path DIR
+    keras-llm bench [--model smollm2] [--engines ...] [--repeats N] [--output DIR] [--quick]
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
 prints a traceback unless KERAS_LLM_DEBUG=1.
@@ -93,6 +94,15 @@ def build_parser():
             sub.add_argument("--json", action="store_true")
         else:
             sub.add_argument("--system", default="")
+
+    bench = commands.add_parser("bench", help="benchmark keras-llm against its competitors "
+                                "(the suite in benchmarks/)")
+    try:
+        from benchmarks.suite import add_arguments  # pylint: disable=import-outside-toplevel
+    except ImportError:  # installed without the benchmarks package
+        pass
+    else:
+        add_arguments(bench)
 
     imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
     imp.add_argument("--model", required=True, help="the .gguf file")
@@ -236,8 +246,18 @@ def cmd_export(args):
     print(path)
 
 
+def cmd_bench(args):
+    try:
+        from benchmarks.suite import run_suite  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+        raise UsageError(f"the benchmark suite is not installed: {error}") from None
+    report = run_suite(args)
+    print(report["table"])
+
+
 COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_export,
-            "import": cmd_import, "client": cmd_client, "chat": cmd_chat}
+            "import": cmd_import, "client": cmd_client, "chat": cmd_chat,
+            "bench": cmd_bench}
 
 
 def main(argv=None):

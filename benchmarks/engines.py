@@ -1,0 +1,444 @@
+"""The engines the benchmark suite measures, each run in its own process.
+
+An engine is a small class: `prepare` writes what it needs (an .h5 file, an
+export, a .tflite or GGUF file) in one process, then `setup` loads it and
+`generate` runs greedy generation in a fresh process, so that the peak memory
+of that process is the engine's own. `measure` times the same prompts and
+token counts for every engine:
+
+- `prefill_tokens_per_s` and `time_to_first_token_s_p{N}`: an N-token prompt,
+  one new token;
+- `time_to_first_token_s` and `decode_tokens_per_s_b1`: the benchmark prompt,
+  the benchmark's new tokens, batch 1 (decode excludes the first token);
+- `aggregate_tokens_per_s_{B}`: B prompts at once, all tokens over the wall
+  time from the start to the last token (prefill included);
+- `generate_tokens_per_s_{N}`: N new tokens at batch 1, end to end;
+- `peak_rss_bytes`: the most resident memory the engine's process (for the
+  server: the server's process) ever held.
+
+Adding an engine is a class with `setup` and `generate` and a line in
+`ENGINES`.
+
+    python -m benchmarks.engines --engine NAME --stage prepare|measure \
+        --settings settings.json --result result.json
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from benchmarks.common import summarize
+
+
+@dataclasses.dataclass
+class Settings:
+    """What every engine runs: the same model, prompts and token counts.
+
+    Args:
+        model: anything `keras_llm.load` accepts.
+        prompt: the benchmark prompt's token ids.
+        prefill_prompt: a longer prompt for prefill and its time to first token.
+        batch_prompts: prompts for batches and concurrent streams (each the
+            length of `prompt`).
+        new_tokens: tokens generated per prompt.
+        long_tokens: tokens of the end-to-end run at batch 1 (0: skip).
+        batch_sizes: in-process batch sizes for `aggregate_tokens_per_s_{B}`.
+        streams: concurrent gRPC streams for the server.
+        repeats: timed runs per figure (after one untimed warm-up run).
+        long_repeats: timed runs of the end-to-end `long_tokens` run.
+        context: KV cache length per sequence where the engine takes one.
+        threads: CPU threads where the engine takes a number (llama.cpp, LiteRT).
+        work_dir: where prepared files go.
+        cache_dir: where files worth keeping between runs go (GGUF rewrites).
+        profile_dir: if set, engines that can write a profiler trace there.
+        gguf_source: the GGUF file the model was imported from, if any.
+        server_args: extra `keras-llm serve` flags.
+    """
+
+    model: str
+    prompt: list
+    prefill_prompt: list
+    batch_prompts: list
+    new_tokens: int = 128
+    long_tokens: int = 256
+    batch_sizes: tuple = (16,)
+    streams: tuple = (1, 4, 16, 32)
+    repeats: int = 3
+    long_repeats: int = 1
+    context: int = 512
+    threads: int = 2
+    work_dir: str = "."
+    cache_dir: str = "."
+    profile_dir: str = None
+    gguf_source: str = None
+    server_args: tuple = ()
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as handle:
+            return cls(**json.load(handle))
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(dataclasses.asdict(self), handle)
+
+
+@dataclasses.dataclass
+class Run:
+    """One timed generation: tokens per prompt and where the time went."""
+
+    tokens: list
+    time_to_first_token_s: float
+    decode_s: float
+
+
+class Unavailable(Exception):
+    """The engine cannot run here (a package or module is missing)."""
+
+
+class Engine:
+    """Base class. Subclasses set `name`, `description`, `precision` and
+    implement `setup` and `generate`; `prepare` is optional."""
+
+    name = ""
+    description = ""
+    precision = "float32"
+    ours = True  # a keras-llm engine (False: a competitor)
+    max_batch = None  # largest batch `generate` takes (None: any)
+
+    def __init__(self, settings):
+        self.s = settings
+        self.info = {}
+
+    def directory(self):
+        path = os.path.join(self.s.work_dir, self.name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def check(self):
+        """Raise `Unavailable` if this engine cannot run here."""
+
+    def prepare(self):
+        """Write the engine's files (runs in its own process)."""
+
+    def setup(self):
+        raise NotImplementedError
+
+    def generate(self, prompts, new_tokens):
+        """Greedy generation of `new_tokens` for each prompt; returns a `Run`."""
+        raise NotImplementedError
+
+    def profile(self):
+        """Write a profiler trace of a few decode steps (if the engine can)."""
+
+    def close(self):
+        """Release what `setup` started."""
+
+    # ----- the shared measurement ------------------------------------------
+
+    def timed(self, prompts, new_tokens, repeats):
+        self.generate(prompts, new_tokens)  # warm-up: compilation, caches
+        return [self.generate(prompts, new_tokens) for _ in range(repeats)]
+
+    def measure(self):
+        s = self.s
+        metrics = {}
+        runs = self.timed([s.prefill_prompt], 1, s.repeats)
+        ttfts = [r.time_to_first_token_s for r in runs]
+        metrics[f"time_to_first_token_s_p{len(s.prefill_prompt)}"] = summarize(ttfts)
+        metrics["prefill_tokens_per_s"] = summarize([len(s.prefill_prompt) / t for t in ttfts])
+
+        runs = self.timed([s.prompt], s.new_tokens, s.repeats)
+        metrics["time_to_first_token_s"] = summarize([r.time_to_first_token_s for r in runs])
+        metrics["decode_tokens_per_s_b1"] = summarize(
+            [(s.new_tokens - 1) / r.decode_s for r in runs])
+        tokens = runs[-1].tokens[0]
+        for batch in s.batch_sizes:
+            if self.max_batch is not None and batch > self.max_batch:
+                continue
+            runs = self.timed(s.batch_prompts[:batch], s.new_tokens, s.repeats)
+            metrics[f"aggregate_tokens_per_s_{batch}"] = summarize(
+                [batch * s.new_tokens / (r.time_to_first_token_s + r.decode_s) for r in runs])
+        if s.long_tokens:
+            runs = self.timed([s.prompt], s.long_tokens, s.long_repeats)
+            metrics[f"generate_tokens_per_s_{s.long_tokens}"] = summarize(
+                [s.long_tokens / (r.time_to_first_token_s + r.decode_s) for r in runs])
+        return metrics, tokens
+
+
+def _greedy(new_tokens):
+    from keras_llm.generation import SamplingParams  # pylint: disable=import-outside-toplevel
+
+    return SamplingParams(max_new_tokens=new_tokens, stop_ids=())
+
+
+class XlaEngine(Engine):
+    name = "keras-llm-xla"
+    description = "keras-llm Generator, XLA-compiled decode loop, float32"
+
+    def setup(self):
+        import keras_llm  # pylint: disable=import-outside-toplevel
+
+        self.generator = keras_llm.load(self.s.model, progress=False).generator
+
+    def generate(self, prompts, new_tokens):
+        stats = {}
+        results = self.generator.generate(prompts, _greedy(new_tokens), stats)
+        self.info["compile_s"] = self.info.get("compile_s", 0.0) + stats.get("compile_s", 0.0)
+        return Run([r.token_ids for r in results], stats["time_to_first_token_s"],
+                   stats.get("decode_s", 0.0))
+
+    def profile(self):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        steps = min(16, self.s.new_tokens)
+        self.generate([self.s.prompt], steps)  # compiled and warm before the trace
+        tf.profiler.experimental.start(self.s.profile_dir)
+        try:
+            for _ in range(2):
+                self.generate([self.s.prompt], steps)
+        finally:
+            tf.profiler.experimental.stop()
+        self.info["profile"] = f"2 x {steps} greedy tokens at batch 1 in {self.s.profile_dir}"
+
+
+class LiteRTEngine(Engine):
+    """keras-llm's LiteRT decode path (`keras_llm.litert`), XNNPACK on CPU."""
+
+    quantization = None
+
+    def check(self):
+        try:
+            from keras_llm import litert  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        except ImportError as error:
+            raise Unavailable(f"keras_llm.litert is not importable: {error}") from None
+
+    def path(self):
+        return os.path.join(self.directory(), "model.tflite")
+
+    def prepare(self):
+        import keras_llm  # pylint: disable=import-outside-toplevel
+        from keras_llm import litert  # pylint: disable=import-outside-toplevel
+
+        lm = keras_llm.load(self.s.model, progress=False)
+        litert.convert(lm.model, self.path(), quantization=self.quantization,
+                       max_length=self.s.context)
+
+    def setup(self):
+        from keras_llm import litert  # pylint: disable=import-outside-toplevel
+
+        self.runner = litert.LiteRTRunner(self.path(), num_threads=self.s.threads)
+        self.info["file_bytes"] = os.path.getsize(self.path())
+
+    def generate(self, prompts, new_tokens):
+        tokens, stats = self.runner.generate_ids(np.array(prompts, np.int32), new_tokens)
+        return Run(np.asarray(tokens).tolist(), stats["time_to_first_token_s"],
+                   stats["decode_s"])
+
+
+class LiteRTFloat32Engine(LiteRTEngine):
+    name = "keras-llm-litert-f32"
+    description = "keras-llm LiteRT (XNNPACK), float32"
+
+
+class LiteRTInt8Engine(LiteRTEngine):
+    name = "keras-llm-litert-int8"
+    description = "keras-llm LiteRT (XNNPACK), dynamic-range int8 with SmoothQuant scales"
+    precision = "int8"
+    quantization = "int8"
+
+
+class DocumentEngine(Engine):
+    """The starting document's way: `load_model('model.h5')`, then `predict`
+    on the whole sequence for every new token."""
+
+    name = "document-way"
+    description = "tf.keras.models.load_model(.h5) + predict on the whole sequence per token"
+    ours = False
+    max_batch = 1
+
+    def path(self):
+        return os.path.join(self.directory(), "model.h5")
+
+    def prepare(self):
+        import keras_llm  # pylint: disable=import-outside-toplevel
+
+        keras_llm.load(self.s.model, progress=False).model.save(self.path())
+
+    def setup(self):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        import keras_llm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+        self.model = tf.keras.models.load_model(self.path(), compile=False)
+
+    def generate(self, prompts, new_tokens):
+        ids = np.array(prompts, np.int32)
+        start = time.perf_counter()
+        first = None
+        for _ in range(new_tokens):
+            logits = self.model.predict(ids, verbose=0)  # (B, T, V)
+            ids = np.concatenate([ids, np.argmax(logits[:, -1], -1)[:, None].astype(np.int32)], 1)
+            if first is None:
+                first = time.perf_counter() - start
+        total = time.perf_counter() - start
+        return Run(ids[:, len(prompts[0]):].tolist(), first, total - first)
+
+
+class ServerEngine(Engine):
+    """`keras-llm serve` in its own process on an export, driven over gRPC."""
+
+    name = "keras-llm-server"
+    description = "keras-llm serve (gRPC streaming) on an export, concurrent streams"
+
+    def base(self):
+        return os.path.join(self.directory(), "export")
+
+    def prepare(self):
+        from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
+
+        export_model(self.s.model, self.base(), "bench",
+                     max_new_tokens=max(self.s.new_tokens, 1), progress=False)
+
+    def setup(self):
+        from benchmarks import bench_serving  # pylint: disable=import-outside-toplevel
+
+        self.port = bench_serving.free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.server = bench_serving.start_server(
+            self.base(), "bench", self.port, max(self.s.streams), self.s.context,
+            extra_args=list(self.s.server_args))
+
+    def streams(self, prompts, new_tokens):
+        from benchmarks import bench_serving  # pylint: disable=import-outside-toplevel
+
+        return bench_serving.run_streams(self.target, prompts, new_tokens)
+
+    def measure(self):
+        s = self.s
+        metrics = {}
+        prompt128 = [s.prefill_prompt]
+        self.streams(prompt128, 1)
+        ttfts = [self.streams(prompt128, 1).first_token_s[0] for _ in range(s.repeats)]
+        metrics[f"time_to_first_token_s_p{len(s.prefill_prompt)}"] = summarize(ttfts)
+        metrics["prefill_tokens_per_s"] = summarize([len(s.prefill_prompt) / t for t in ttfts])
+        self.streams([s.prompt], s.new_tokens)
+        runs = [self.streams([s.prompt], s.new_tokens) for _ in range(s.repeats)]
+        metrics["time_to_first_token_s"] = summarize([r.first_token_s[0] for r in runs])
+        metrics["decode_tokens_per_s_b1"] = summarize(
+            [(r.tokens[0] - 1) / (r.last_token_s[0] - r.first_token_s[0]) for r in runs])
+        token_ids = runs[-1].token_ids[0]
+        for level in s.streams:
+            prompts = s.batch_prompts[:level]
+            self.streams(prompts, min(8, s.new_tokens))  # warm this many rows
+            runs = [self.streams(prompts, s.new_tokens) for _ in range(s.repeats)]
+            metrics[f"aggregate_tokens_per_s_{level}"] = summarize(
+                [sum(r.tokens) / r.seconds for r in runs])
+        return metrics, token_ids
+
+    def peak_rss_bytes(self):
+        return _high_water_mark(self.server.pid)
+
+    def close(self):
+        from benchmarks import bench_serving  # pylint: disable=import-outside-toplevel
+
+        if getattr(self, "server", None) is not None:
+            bench_serving.stop_server(self.server)
+
+
+def _high_water_mark(pid):
+    """Peak resident memory of a live process (Linux /proc), in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no VmHWM for process {pid}")
+
+
+def engines():
+    """Every engine class by name, in the order the suite runs them."""
+    from benchmarks import llama_cpp  # pylint: disable=import-outside-toplevel
+
+    classes = [XlaEngine, LiteRTFloat32Engine, LiteRTInt8Engine, ServerEngine,
+               DocumentEngine, llama_cpp.LlamaCppF32Engine, llama_cpp.LlamaCppQ80Engine]
+    return {cls.name: cls for cls in classes}
+
+
+def engine_class(name):
+    classes = engines()
+    if name not in classes:
+        raise ValueError(f"unknown engine {name!r}: choose from {', '.join(classes)}")
+    return classes[name]
+
+
+def describe(name, settings):
+    """What the suite records about an engine before running it; `status`
+    is "skipped" (with a reason) when it cannot run here, and `prepare`
+    says whether it has a prepare stage."""
+    engine = engine_class(name)(settings)
+    result = {"engine": name, "description": engine.description,
+              "precision": engine.precision, "ours": engine.ours,
+              "prepare": type(engine).prepare is not Engine.prepare}
+    try:
+        engine.check()
+    except Unavailable as error:
+        return {**result, "status": "skipped", "reason": str(error)}
+    return {**result, "status": "ok"}
+
+
+def run(name, stage, settings):
+    """Run one stage of one engine in this process; returns a result dict."""
+    result = describe(name, settings)
+    if result["status"] != "ok":
+        return result
+    engine = engine_class(name)(settings)
+    start = time.perf_counter()
+    if stage == "prepare":
+        engine.prepare()
+        return {**result, "prepare_s": time.perf_counter() - start}
+    try:
+        engine.setup()
+        result["setup_s"] = time.perf_counter() - start
+        metrics, tokens = engine.measure()
+        if settings.profile_dir:
+            engine.profile()
+        peak = getattr(engine, "peak_rss_bytes", None)
+        peak = peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    finally:
+        engine.close()
+    metrics["peak_rss_bytes"] = summarize([peak])
+    return {**result, "metrics": metrics, "token_ids": list(tokens), "info": engine.info}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="run one benchmark engine")
+    parser.add_argument("--engine", required=True)
+    parser.add_argument("--stage", choices=("prepare", "measure"), required=True)
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.load(args.settings)
+    # Run as `-m`, this file is `__main__`; the engine classes (and the
+    # `Unavailable` they raise) belong to the importable module.
+    from benchmarks import engines as module  # pylint: disable=import-outside-toplevel,import-self
+
+    try:
+        result = module.run(args.engine, args.stage, settings)
+    except Exception as error:  # pylint: disable=broad-except
+        traceback.print_exc()
+        result = {"engine": args.engine, "status": "failed",
+                  "reason": f"{args.stage}: {type(error).__name__}: {error}".splitlines()[0]}
+    with open(args.result, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    return 0 if result["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
