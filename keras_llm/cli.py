@@ -4,6 +4,7 @@
     keras-llm tokenize --model smollm2 --text "..." [--json]
     keras-llm export --model smollm2 --model_base_path DIR --model_name NAME
     keras-llm import --model FILE.gguf --output DIR
+    keras-llm optimize --model smollm2 --output DIR --report R.json --prune 0.5 ...
     keras-llm serve --port 8500 --model_name NAME --model_base_path DIR
     keras-llm bench [--model smollm2] [--engines ...] [--repeats N] [--output DIR] [--quick]
 
@@ -107,6 +108,27 @@ def build_parser():
     imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
     imp.add_argument("--model", required=True, help="the .gguf file")
     imp.add_argument("--output", required=True, help="model directory to write")
+
+    opt = commands.add_parser("optimize", help="prune, quantize, distill or cast a model; "
+                                                "write it and a report")
+    _add_model(opt)
+    opt.add_argument("--output", required=True, help="model directory to write")
+    opt.add_argument("--report", required=True, help="JSON report path (Markdown beside it)")
+    opt.add_argument("--prune", type=float, default=None, help="target sparsity, e.g. 0.5")
+    opt.add_argument("--structure", default="unstructured", help="unstructured or 2:4")
+    opt.add_argument("--recovery-steps", type=_positive_int, default=0,
+                     help="fine-tune steps after pruning (and QAT steps)")
+    opt.add_argument("--quantize", default=None, help="int8 (post-training) or qat")
+    opt.add_argument("--distill-layers", type=int, default=None,
+                     help="student layers (at most half the teacher's)")
+    opt.add_argument("--distill-steps", type=_positive_int, default=0)
+    opt.add_argument("--dtype", default=None, help="float16 or bfloat16")
+    opt.add_argument("--eval-tokens", type=_positive_int, default=4096)
+    opt.add_argument("--train-tokens", type=_positive_int, default=16384)
+    opt.add_argument("--no-speed", dest="speed", action="store_false",
+                     help="skip the decode tokens/s measurements")
+    opt.add_argument("--logdir", default=None,
+                     help="checkpoints, TensorBoard scalars, teacher-text cache")
     return parser
 
 
@@ -246,6 +268,20 @@ def cmd_export(args):
     print(path)
 
 
+def cmd_optimize(args):
+    from keras_llm.optimize.pipeline import OptimizeOptions, run  # pylint: disable=import-outside-toplevel
+
+    options = OptimizeOptions(
+        prune=args.prune, structure=args.structure, recovery_steps=args.recovery_steps,
+        quantize=args.quantize, distill_layers=args.distill_layers,
+        distill_steps=args.distill_steps, dtype=args.dtype, eval_tokens=args.eval_tokens,
+        train_tokens=args.train_tokens, speed=args.speed, logdir=args.logdir)
+    options.validate()  # before loading anything
+    model = _load(args) if (args.tokenizer or args.unsafe) else args.model
+    run(model, args.output, args.report, options)
+    print(args.output)
+
+
 def cmd_bench(args):
     try:
         from benchmarks.suite import run_suite  # pylint: disable=import-outside-toplevel
@@ -256,6 +292,7 @@ def cmd_bench(args):
 
 
 COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_export,
+            "optimize": cmd_optimize,
             "import": cmd_import, "client": cmd_client, "chat": cmd_chat,
             "bench": cmd_bench}
 

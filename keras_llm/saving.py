@@ -132,8 +132,31 @@ def _load_keras_archive(path, safe_mode):
             weights = os.path.join(tmp, "model.weights.h5")
             with archive.open("model.weights.h5") as source, open(weights, "wb") as target:
                 shutil.copyfileobj(source, target, 16 << 20)
+            _widen_bfloat16(weights)
             model.load_weights(weights)
     return model
+
+
+def _widen_bfloat16(weights_path):
+    """Rewrite bfloat16 arrays of an extracted weights file as float32 (exact).
+
+    h5py has no bfloat16: tf_keras writes such variables as 2-byte opaque
+    data it cannot read back. Widened here, they load into the model's
+    bfloat16 variables unchanged.
+    """
+    import h5py  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    with h5py.File(weights_path, "r+") as handle:
+        opaque = []
+        handle.visititems(lambda name, item: opaque.append(name) if isinstance(
+            item, h5py.Dataset) and item.dtype.kind == "V" and item.dtype.itemsize == 2 else None)
+        for name in opaque:
+            bits = np.frombuffer(handle[name][()].tobytes(), np.uint16)
+            widened = (bits.astype(np.uint32) << 16).view(np.float32)
+            shape = handle[name].shape
+            del handle[name]
+            handle.create_dataset(name, data=widened.reshape(shape))
 
 
 def _first_line(error):

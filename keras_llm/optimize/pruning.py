@@ -49,9 +49,11 @@ def _pruning_params(structure, target_sparsity, schedule, steps):
             initial_sparsity=0.0, final_sparsity=target_sparsity,
             begin_step=0, end_step=end, frequency=frequency)
     else:
-        # One-shot at step 1, then recomputed (same level) every 100 steps.
+        # One-shot at step 1, then recomputed (same level) every 100 steps:
+        # step 1 must be a pruning turn, (1 - begin_step) % frequency == 0,
+        # or a fine-tune of fewer than 100 steps never applies a mask.
         pruning_schedule = sparsity.ConstantSparsity(
-            target_sparsity, begin_step=0, frequency=1 if steps <= 1 else 100)
+            target_sparsity, begin_step=1, frequency=1 if steps <= 1 else 100)
     params = {"pruning_schedule": pruning_schedule}
     if structure == "2:4":
         # TF-MOT computes the 2:4 mask once, at pruning step 1, and ignores
@@ -123,7 +125,7 @@ def _next_token_dataset(batches):
     return tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
 
 
-def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0):
+def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0, callbacks=()):
     """Next-token cross-entropy training of a wrapped model, `steps` batches.
 
     `batches`: a list of `(B, T)` token-id arrays, cycled. Runs
@@ -136,13 +138,13 @@ def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     callback = tfmot.sparsity.keras.UpdatePruningStep()
     history = wrapped.fit(_next_token_dataset(batches), steps_per_epoch=int(steps),
-                          epochs=1, callbacks=[callback], verbose=verbose)
+                          epochs=1, callbacks=[callback, *callbacks], verbose=verbose)
     return history, callback
 
 
 def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=None,
           steps=100, learning_rate=1e-4, schedule="constant", kinds=None,
-          return_info=False, verbose=0):
+          return_info=False, verbose=0, callbacks=()):
     """Prune the projection `Dense` kernels of a keras-llm model.
 
     Args:
@@ -160,6 +162,7 @@ def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=N
             to the target over the first half of the steps; needs data).
         kinds: which projections, e.g. ("mlp_gate", "mlp_up"); None: all 7.
         return_info: also return a dict: wrappers reached, step counters.
+        callbacks: extra Keras callbacks for the fine-tune (progress, ...).
 
     Returns:
         The pruned model, wrappers stripped (plain `Dense` layers with zeros),
@@ -182,7 +185,8 @@ def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=N
         apply_masks_now(wrapped, step=1)
     if train:
         before = {unwrap(w).name: int(w.pruning_step.numpy()) for w in wrappers}
-        history, callback = fine_tune(wrapped, fine_tune_data, steps, learning_rate, verbose)
+        history, callback = fine_tune(wrapped, fine_tune_data, steps, learning_rate, verbose,
+                                      callbacks)
         after = {unwrap(w).name: int(w.pruning_step.numpy()) for w in wrappers}
         info.update(
             callback_reached=sorted(unwrap(w).name for w in callback.prunable_layers),
@@ -237,8 +241,18 @@ def _match_h5_to_config(h5, config):
         if entry["class_name"] != "Dense" or not _PROJECTION_RE.match(name):
             continue
         group = h5["layers"][groups[name]]["vars"]
-        kernels[name] = np.asarray(group["0"])
+        kernels[name] = _stored_array(group["0"])
     return kernels
+
+
+def _stored_array(dataset):
+    """An HDF5 weight as numpy; bfloat16 (stored by tf_keras as 2-byte
+    opaque data) comes back widened to float32, exactly."""
+    value = np.asarray(dataset)
+    if value.dtype.kind == "V" and value.dtype.itemsize == 2:
+        bits = np.frombuffer(value.tobytes(), np.uint16).astype(np.uint32) << 16
+        value = bits.view(np.float32).reshape(value.shape)
+    return value
 
 
 def _snake(name):

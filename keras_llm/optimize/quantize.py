@@ -190,9 +190,50 @@ def float_model_from_qat(wrapped, like):
     return plain
 
 
+class KeepZeros(keras.callbacks.Callback):
+    """Prune-preserving QAT: after every optimizer step, weights that were
+    zero when training started are set back to zero.
+
+    TF-MOT's `Default8BitPrunePreserveQuantizeScheme` does the same inside its
+    own quantizers; keras-llm's QAT uses its own weight-only `QuantizeConfig`
+    (the default scheme cannot take an int32 `token_ids` input), so the masks
+    are kept here, on the float kernels inside the `QuantizeWrapperV2`s.
+    Symmetric int8 maps 0 to 0, so the int8 model keeps the same zeros.
+    """
+
+    def __init__(self, kernels):
+        super().__init__()
+        self.kernels = list(kernels)
+        self.masks = [tf.cast(tf.not_equal(k, 0), k.dtype) for k in self.kernels]
+
+    def on_train_batch_end(self, batch, logs=None):
+        for kernel, mask in zip(self.kernels, self.masks):
+            kernel.assign(kernel * mask)
+
+
+def qat_kernels(wrapped, kinds=None):
+    """The float kernel variables inside the QAT wrappers of the projections."""
+    from keras_llm.models.llama import unwrap  # pylint: disable=import-outside-toplevel
+    from keras_llm.optimize._common import _PROJECTION_RE  # pylint: disable=import-outside-toplevel
+
+    kernels = []
+    for layer in wrapped.layers:
+        name = unwrap(layer).name
+        match = _PROJECTION_RE.match(name)
+        if layer is unwrap(layer) or not match or (kinds and match.group(2) not in kinds):
+            continue
+        kernels += [v for v in layer.weights if v.name == f"{name}/kernel:0"]
+    return kernels
+
+
 def quantization_aware_fine_tune(model, batches, steps, learning_rate=1e-4, kinds=None,
-                                 verbose=0):
+                                 verbose=0, preserve_zeros=False, callbacks=()):
     """Short QAT (next-token cross-entropy) and int8 export.
+
+    Args:
+        preserve_zeros: keep the zeros of a pruned `model` through training
+            (`KeepZeros`): prune-preserving quantization.
+        callbacks: extra Keras callbacks (progress, ...).
 
     Returns:
         `(int8 model, qat model)`: the first is `quantize_model` of the
@@ -203,8 +244,9 @@ def quantization_aware_fine_tune(model, batches, steps, learning_rate=1e-4, kind
     wrapped = qat_model(model, kinds)
     wrapped.compile(optimizer=keras.optimizers.Adam(learning_rate),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    extra = [KeepZeros(qat_kernels(wrapped, kinds))] if preserve_zeros else []
     wrapped.fit(_next_token_dataset(batches), steps_per_epoch=int(steps), epochs=1,
-                verbose=verbose)
+                verbose=verbose, callbacks=extra + list(callbacks))
     # The weight quantizers' ranges were read before the last optimizer
     # update; one training-mode call refreshes them so `wrapped` computes
     # what the int8 model does.

@@ -1,0 +1,551 @@
+"""`keras-llm optimize`: run optimization steps on a model, write the result
+and a report.
+
+Steps, in this order when several are asked for:
+
+1. distillation (`distill_layers`, `distill_steps`): a student with at most
+   half the layers, trained on the teacher's distributions;
+2. pruning (`prune`, `structure`, `recovery_steps`): TF-MOT magnitude
+   pruning of the projections, optionally with a recovery fine-tune;
+3. quantization (`quantize="int8"` post-training, or `"qat"`, TF-MOT
+   quantization-aware training for `recovery_steps`, prune-preserving when the
+   model was pruned): int8 `QuantizedDense` weights in `model.keras`, plus
+   `model.tflite` (LiteRT, dynamic-range int8 with SmoothQuant scales), the
+   fast int8 runtime;
+4. `dtype` (float16 / bfloat16 weights and compute).
+
+The report has a row for the original model and one after each step (plus
+`int8-litert` for the `.tflite`), every row measured the same way
+(`keras_llm.optimize.report`). Training steps run under
+`keras_llm.optimize.strategy.training_strategy()` and train only on the
+teacher's generations (`keras_llm.optimize.teacher_text`); quality is measured
+on the evaluation text (`keras_llm.optimize.evaluation`).
+
+Everything is written into a staging directory beside `output` and renamed at
+the end: an error or Ctrl-C leaves neither `output` nor the report.
+
+Example:
+    >>> from keras_llm import optimize
+    >>> report = optimize.run("smollm2", "/tmp/smollm2-2of4", "/tmp/2of4.json",
+    ...                       prune=0.5, structure="2:4", recovery_steps=100)
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tf_keras as keras
+
+from keras_llm.optimize import evaluation, report as reporting, teacher_text
+from keras_llm.optimize.strategy import describe, training_strategy
+
+QUANTIZE_MODES = ("int8", "qat")
+
+
+@dataclasses.dataclass
+class OptimizeOptions:
+    """What `run` does. Every field is also a `keras-llm optimize` flag.
+
+    Args:
+        prune: target sparsity of the projections (0 < s < 1), None: no pruning.
+        structure: "unstructured" or "2:4" (needs prune=0.5).
+        recovery_steps: fine-tune steps after pruning, and QAT steps.
+        quantize: None, "int8" (post-training) or "qat".
+        distill_layers: student layers (<= half the teacher's), None: no distillation.
+        distill_steps: distillation steps.
+        dtype: None, "float16" or "bfloat16".
+        eval_tokens: next-token predictions scored on the evaluation text.
+        train_tokens: tokens of teacher text to generate for training.
+        speed: measure decode tokens/s (batch 1 and 16).
+        logdir: distillation checkpoints and TensorBoard scalars, and the
+            teacher-text cache (default: `<output>.logs` when distilling).
+        batch_size, sequence_length: training batches.
+        learning_rate: recovery fine-tune and QAT; distill_learning_rate for distillation.
+        temperature: distillation temperature.
+        eval_sequence_length: window length of the evaluation text.
+        speed_prompt_tokens, speed_new_tokens, speed_repeats: decode timing setup.
+        devices: explicit devices for the training strategy (tests).
+        verbose: print progress on stderr.
+    """
+
+    prune: float = None
+    structure: str = "unstructured"
+    recovery_steps: int = 0
+    quantize: str = None
+    distill_layers: int = None
+    distill_steps: int = 0
+    dtype: str = None
+    eval_tokens: int = 4096
+    train_tokens: int = 16384
+    speed: bool = True
+    logdir: str = None
+    batch_size: int = 4
+    sequence_length: int = 128
+    learning_rate: float = 5e-5
+    distill_learning_rate: float = 2e-4
+    temperature: float = 2.0
+    eval_sequence_length: int = 256
+    speed_prompt_tokens: int = 32
+    speed_new_tokens: int = 128
+    speed_repeats: int = 3
+    devices: tuple = None
+    verbose: bool = True
+
+    def validate(self):
+        from keras_llm.optimize.precision import DTYPES  # pylint: disable=import-outside-toplevel
+        from keras_llm.optimize.pruning import STRUCTURES  # pylint: disable=import-outside-toplevel
+
+        if self.prune is None and self.quantize is None and self.distill_layers is None \
+                and self.dtype is None:
+            raise ValueError("nothing to do: give at least one of --prune, --quantize, "
+                             "--distill-layers, --dtype")
+        if self.prune is not None and not 0.0 < self.prune < 1.0:
+            raise ValueError(f"--prune must be a sparsity in (0, 1), got {self.prune}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"--structure must be one of {', '.join(STRUCTURES)}, "
+                             f"got {self.structure!r}")
+        if self.structure == "2:4" and self.prune not in (None, 0.5):
+            raise ValueError(f"--structure 2:4 means 50% sparsity; got --prune {self.prune}")
+        if self.structure == "2:4" and self.prune is None:
+            raise ValueError("--structure 2:4 needs --prune 0.5")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, "
+                             f"got {self.quantize!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.quantize is not None:
+            raise ValueError("--dtype and --quantize do not combine: the int8 path keeps "
+                             "float32 activations")
+        if self.quantize == "qat" and self.recovery_steps <= 0:
+            raise ValueError("--quantize qat trains: give --recovery-steps N (N > 0)")
+        if self.distill_layers is not None and self.distill_layers < 1:
+            raise ValueError(f"--distill-layers must be >= 1, got {self.distill_layers}")
+        if self.distill_layers is not None and self.distill_steps < 0:
+            raise ValueError("--distill-steps must be >= 0")
+        for name in ("recovery_steps", "distill_steps", "eval_tokens", "train_tokens",
+                     "batch_size", "sequence_length", "speed_repeats", "speed_new_tokens",
+                     "speed_prompt_tokens", "eval_sequence_length"):
+            value = getattr(self, name)
+            minimum = 0 if name in ("recovery_steps", "distill_steps") else 1
+            if not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= {minimum}, "
+                                 f"got {value!r}")
+
+    @property
+    def trains(self):
+        return (self.prune is not None and self.recovery_steps > 0) or self.quantize == "qat" \
+            or (self.distill_layers is not None and self.distill_steps > 0)
+
+
+def _log(options, message):
+    if options.verbose:
+        print(f"[optimize] {message}", file=sys.stderr, flush=True)
+
+
+class _Progress(keras.callbacks.Callback):
+    """Prints `label step/total loss` about 20 times over a training run."""
+
+    def __init__(self, label, total, options):
+        super().__init__()
+        self.label, self.total, self.options = label, int(total), options
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = batch + 1
+        if step % max(1, self.total // 20) == 0 or step == self.total:
+            loss = (logs or {}).get("loss")
+            loss = "-" if loss is None else f"{float(loss):.4f}"
+            _log(self.options, f"{self.label} step {step}/{self.total} loss {loss} "
+                               f"({time.perf_counter() - self.start:.0f}s)")
+
+
+def _litert_int8(model, path, calibration_ids):
+    """Write `model` as a dynamic-range int8 `.tflite` (the one call into
+    `keras_llm.litert`). Returns `(path, runner)` or `(None, reason)`."""
+    try:
+        from keras_llm import litert  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+        return None, f"keras_llm.litert is not available ({error}); no model.tflite written"
+    from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+
+    max_length = min(512, config_from_model(model).context_length)
+    litert.convert(model, path, quantization="int8", calibration_ids=calibration_ids,
+                   max_length=max_length)
+    return path, litert.LiteRTRunner(path)
+
+
+class _Measurer:
+    """Measures rows of the report, all the same way."""
+
+    def __init__(self, original, tokenizer, options, scratch):
+        self.original = original
+        self.options = options
+        self.scratch = scratch
+        self.eval_batches = evaluation.eval_batches(
+            tokenizer, options.eval_tokens, options.eval_sequence_length)
+        ids = evaluation.eval_token_ids(tokenizer)
+        p = options.speed_prompt_tokens
+        if len(ids) < 16 * p:
+            raise ValueError(f"evaluation text too short for 16 prompts of {p} tokens")
+        self.prompts_b1 = [ids[:p]]
+        self.prompts_b16 = [ids[i * p:(i + 1) * p] for i in range(16)]
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def keras_row(self, variant, model, file_path=None, notes=()):
+        """A row for a Keras model; saved into scratch when no file is given."""
+        from keras_llm.generation import Generator  # pylint: disable=import-outside-toplevel
+        from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+        from keras_llm.optimize.precision import model_dtype  # pylint: disable=import-outside-toplevel
+
+        _log(self.options, f"measuring {variant}: size")
+        temporary = None
+        if file_path is None:
+            temporary = tempfile.mkdtemp(prefix="measure-", dir=self.scratch)
+            file_path = os.path.join(temporary, "model.keras")
+            model.save(file_path)
+        try:
+            size, gz = os.path.getsize(file_path), reporting.gzip_size(file_path)
+        finally:
+            if temporary:
+                shutil.rmtree(temporary, ignore_errors=True)
+        params, nonzero = reporting.count_params(model)
+        speed = {}
+        if self.options.speed:
+            generator = Generator(model, pad_id=self.pad_id)
+            speed = self._speed(variant, reporting.generator_decode(generator))
+        return self._row(variant, "keras-xla", model, params, nonzero, size, gz, speed,
+                         dtype=model_dtype(model), layers=config_from_model(model).num_layers,
+                         notes=notes)
+
+    def litert_row(self, variant, runner, file_path, source_model, notes=()):
+        from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+
+        _log(self.options, f"measuring {variant}: size")
+        params, nonzero = reporting.count_params(source_model)
+        speed = {}
+        if self.options.speed:
+            speed = self._speed(variant, reporting.runner_decode(runner))
+        return self._row(variant, "litert-xnnpack", runner, params, nonzero,
+                         os.path.getsize(file_path), reporting.gzip_size(file_path), speed,
+                         dtype="int8 weights (dynamic range)",
+                         layers=config_from_model(source_model).num_layers, notes=notes)
+
+    def _speed(self, variant, generate):
+        speed = {}
+        for batch, prompts in ((1, self.prompts_b1), (16, self.prompts_b16)):
+            _log(self.options, f"measuring {variant}: decode speed, batch {batch}")
+            speed[f"b{batch}"] = reporting.decode_speed(
+                generate, prompts, self.options.speed_new_tokens, self.options.speed_repeats)
+        return speed
+
+    def _row(self, variant, runtime, model, params, nonzero, size, gz, speed, **extra):
+        from keras_llm.optimize.metrics import perplexity_and_fidelity  # pylint: disable=import-outside-toplevel
+
+        _log(self.options, f"measuring {variant}: quality on the evaluation text")
+        quality = perplexity_and_fidelity(model, self.original, self.eval_batches)
+        row = {"variant": variant, "params": int(params), "nonzero_params": int(nonzero),
+               "size_bytes": int(size), "gzip_bytes": int(gz),
+               "decode_tps_b1": speed["b1"]["median"] if speed else None,
+               "decode_tps_b16": speed["b16"]["median"] if speed else None,
+               "perplexity": quality["perplexity"], "mean_kl": quality["mean_kl"],
+               "top1_agreement": quality["top1_agreement"], "runtime": runtime,
+               "speed": speed, "notes": list(extra.pop("notes", ()))}
+        row.update(extra)
+        self.positions = quality["positions"]
+        _log(self.options, f"{variant}: perplexity {row['perplexity']:.3f}, KL "
+                           f"{row['mean_kl']:.4f}, top-1 {row['top1_agreement']:.3f}, "
+                           f"b1 {row['decode_tps_b1']} tok/s, b16 {row['decode_tps_b16']} tok/s")
+        return row
+
+
+def _variant_name(steps):
+    return "+".join(steps)
+
+
+def _check_sparsity(path, options):
+    """Sparsity of the projection kernels as stored in `path`; raises if the
+    file does not have what pruning claimed."""
+    from keras_llm.optimize.pruning import measure_sparsity  # pylint: disable=import-outside-toplevel
+
+    measured = measure_sparsity(path)
+    if options.structure == "2:4":
+        if not measured["two_four"]:
+            raise RuntimeError(f"{path}: projection kernels are not 2:4 sparse")
+    else:
+        low = min(layer["sparsity"] for layer in measured["layers"].values())
+        if low < options.prune - 0.01:
+            raise RuntimeError(f"{path}: a projection kernel has sparsity {low:.3f} "
+                               f"< {options.prune}")
+    return {"overall": measured["overall"], "two_four": measured["two_four"],
+            "min_layer": min(l["sparsity"] for l in measured["layers"].values())}
+
+
+def run(model, output, report_path, options=None, **kwargs):
+    """Optimize `model` and write it to `output`, with a report at `report_path`.
+
+    Args:
+        model: a preset name, model directory or file (as `keras_llm.load`),
+            or a `LanguageModel`.
+        output: model directory to write (replaced if it exists).
+        report_path: JSON report path; the Markdown goes beside it (`.md`).
+        options: an `OptimizeOptions`, or its fields as keywords.
+
+    Returns:
+        The report dict (as written).
+    """
+    if options is None:
+        options = OptimizeOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("give options or keywords, not both")
+    options.validate()
+    output = os.path.abspath(os.fspath(output))
+    report_path = os.path.abspath(os.fspath(report_path))
+    if not report_path.lower().endswith(".json"):
+        raise ValueError(f"--report must be a .json path, got {report_path}")
+    if os.path.isdir(report_path):
+        raise ValueError(f"--report {report_path} is a directory")
+    source = None if not isinstance(model, (str, os.PathLike)) else \
+        os.path.abspath(os.fspath(model))
+    if source and (source == output or source.startswith(output + os.sep)):
+        raise ValueError("--output must not be the input model (it is replaced)")
+    if os.path.isfile(output):
+        raise ValueError(f"--output {output} is a file; give a directory path")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(report_path), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.staging-", dir=parent)
+    try:
+        report, staged = _run(model, output, report_path, options, staging)
+        _publish(staging, output, staged)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging, output, staged):
+    """Rename the staged model directory and report files into place."""
+    backup = None
+    if os.path.exists(output):
+        backup = os.path.join(staging, "previous-output")
+        os.replace(output, backup)
+    published = []
+    try:
+        os.replace(os.path.join(staging, "model"), output)
+        published.append(output)
+        for staged_path, final in staged:
+            os.replace(staged_path, final)
+            published.append(final)
+    except BaseException:
+        for path in published:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
+        if backup:
+            os.replace(backup, output)
+        raise
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _run(model_spec, output, report_path, options, staging):
+    from keras_llm.language_model import LanguageModel, load  # pylint: disable=import-outside-toplevel
+    from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+    from keras_llm.saving import save_model_dir  # pylint: disable=import-outside-toplevel
+
+    started = time.perf_counter()
+    if isinstance(model_spec, LanguageModel):
+        lm, spec_name = model_spec, model_spec.metadata.get("source", "LanguageModel")
+    else:
+        _log(options, f"loading {model_spec}")
+        lm, spec_name = load(model_spec, progress=options.verbose), os.fspath(model_spec)
+    original, tokenizer = lm.model, lm.tokenizer
+    config = config_from_model(original)
+    if options.distill_layers is not None and options.distill_layers > config.num_layers // 2:
+        raise ValueError(f"--distill-layers {options.distill_layers}: a student has at most "
+                         f"half the teacher's {config.num_layers} layers "
+                         f"(<= {config.num_layers // 2})")
+    scratch = os.path.join(staging, "scratch")
+    os.makedirs(scratch)
+    logdir = options.logdir or (output + ".logs" if options.distill_layers else None)
+    strategy = training_strategy(options.devices)
+    measurer = _Measurer(original, tokenizer, options, scratch)
+
+    rows = [measurer.keras_row("original", original)]
+    steps, notes, record = [], [], {}
+    train_ids = None
+    if options.trains or options.quantize:
+        tokens = options.train_tokens if options.trains else min(options.train_tokens, 4096)
+        _log(options, f"generating {tokens} tokens of teacher text for training/calibration")
+        train_ids = teacher_text.teacher_token_stream(
+            lm, tokens, cache_dir=os.path.join(logdir, "teacher_text") if logdir else None,
+            verbose=options.verbose)
+    train_batches = None
+    if train_ids is not None:
+        train_batches = teacher_text.training_batches(train_ids, options.batch_size,
+                                                      options.sequence_length)
+
+    current = original
+    pending = []  # (variant, model) rows measured after the final save
+    if options.distill_layers is not None:
+        from keras_llm.optimize.distill import distill, make_student  # pylint: disable=import-outside-toplevel
+
+        with strategy.scope():
+            current, layer_map = make_student(original, options.distill_layers)
+        steps.append(f"student-{options.distill_layers}L")
+        record["distillation"] = {"student_layers": options.distill_layers,
+                                  "teacher_layers": config.num_layers, "layer_map": layer_map,
+                                  "steps": options.distill_steps,
+                                  "temperature": options.temperature, "logdir": logdir}
+        if options.distill_steps:
+            _log(options, f"distilling to {options.distill_layers} layers for "
+                          f"{options.distill_steps} steps ({describe(strategy)}), logs in {logdir}")
+            info = distill(original, current, train_batches, options.distill_steps,
+                           options.temperature, options.distill_learning_rate, logdir, strategy,
+                           eval_batches=measurer.eval_batches[:2],
+                           eval_every=max(1, options.distill_steps // 4),
+                           verbose=options.verbose)
+            record["distillation"].update(resumed_from=info["resumed_from"],
+                                          final_loss=info["final_loss"])
+        pending.append((_variant_name(steps), current, {}))
+
+    if options.prune is not None:
+        from keras_llm.optimize.pruning import prune  # pylint: disable=import-outside-toplevel
+
+        label = "pruned-2:4" if options.structure == "2:4" else f"pruned-{options.prune:.0%}"
+        recovery = options.recovery_steps if train_batches is not None else 0
+        _log(options, f"pruning {options.structure} to {options.prune:.0%}"
+                      + (f", recovery fine-tune {recovery} steps ({describe(strategy)})"
+                         if recovery else ", one-shot"))
+        with strategy.scope():
+            current, info = prune(
+                current, options.prune, options.structure,
+                fine_tune_data=train_batches if recovery else None, steps=recovery,
+                learning_rate=options.learning_rate, return_info=True,
+                callbacks=[_Progress("recovery", recovery, options)])
+        steps.append(label)
+        record["pruning"] = {"structure": options.structure, "target_sparsity": options.prune,
+                             "recovery_steps": recovery, "layers": "attention and MLP "
+                             "projections (query, key, value, attention_output, mlp_gate, "
+                             "mlp_up, mlp_down); not the tied embedding/head, not the norms",
+                             "wrappers": len(info["wrappers"]),
+                             "update_pruning_step_reached": len(info.get("callback_reached",
+                                                                         info["wrappers"]))}
+        pending.append((_variant_name(steps), current, {"pruning": record["pruning"]}))
+
+    float_model = current
+    if options.quantize is not None:
+        from keras_llm.optimize.quantize import (  # pylint: disable=import-outside-toplevel
+            float_model_from_qat, quantization_aware_fine_tune, quantize_model)
+
+        if options.quantize == "qat":
+            _log(options, f"quantization-aware training, {options.recovery_steps} steps "
+                          f"({describe(strategy)})"
+                          + (", prune-preserving" if options.prune is not None else ""))
+            with strategy.scope():
+                current, wrapped = quantization_aware_fine_tune(
+                    float_model, train_batches, options.recovery_steps, options.learning_rate,
+                    preserve_zeros=options.prune is not None,
+                    callbacks=[_Progress("qat", options.recovery_steps, options)])
+                float_model = float_model_from_qat(wrapped, float_model)
+            steps.append("qat-int8")
+        else:
+            _log(options, "post-training int8 weight quantization")
+            current = quantize_model(float_model)
+            steps.append("int8")
+        record["quantization"] = {"mode": options.quantize, "scheme": "int8 symmetric "
+                                  "per-output-channel weights of the projections "
+                                  "(QuantizedDense); embedding/head and norms float32",
+                                  "prune_preserving": options.prune is not None}
+        pending.append((_variant_name(steps), current, {}))
+
+    if options.dtype is not None:
+        from keras_llm.optimize.precision import cast_model  # pylint: disable=import-outside-toplevel
+
+        _log(options, f"casting to {options.dtype}")
+        current = cast_model(current, options.dtype)
+        steps.append(options.dtype)
+        record["dtype"] = {"dtype": options.dtype, "float32": "RMSNorm math, attention "
+                           "scores and softmax, output logits, sampling"}
+        pending.append((_variant_name(steps), current, {}))
+
+    # ----- the output directory --------------------------------------------
+    final_config = config_from_model(current)
+    metadata = {key: value for key, value in lm.metadata.items()
+                if key not in ("format", "format_version")}
+    from keras_llm.optimize.precision import model_dtype  # pylint: disable=import-outside-toplevel
+
+    metadata.update(
+        config=final_config.to_dict(), dtype=model_dtype(current),
+        quantization=("int8-per-channel-weights" if options.quantize else None),
+        optimized_from=spec_name, optimize={"steps": steps, **record})
+    model_dir = os.path.join(staging, "model")
+    _log(options, f"saving {output}")
+    if options.prune is not None and options.quantize is None:
+        # Checked on a plain save first, then recorded in the metadata.
+        probe = os.path.join(scratch, "probe.keras")
+        current.save(probe)
+        metadata["sparsity"] = {"structure": options.structure, "target": options.prune,
+                                **_check_sparsity(probe, options)}
+        os.unlink(probe)
+    elif options.prune is not None:
+        metadata["sparsity"] = {"structure": options.structure, "target": options.prune}
+    save_model_dir(model_dir, current, tokenizer, metadata)
+    model_file = os.path.join(model_dir, "model.keras")
+
+    tflite = None
+    if options.quantize is not None:
+        _log(options, "converting to LiteRT int8 (model.tflite)")
+        calibration = train_ids[: 4 * options.sequence_length].reshape(4, -1) \
+            if train_ids is not None and len(train_ids) >= 4 * options.sequence_length else None
+        tflite, runner = _litert_int8(float_model, os.path.join(model_dir, "model.tflite"),
+                                      calibration)
+        if tflite is None:
+            notes.append(runner)
+
+    # ----- rows after each step ---------------------------------------------
+    for variant, model, extra in pending:
+        final = model is current
+        row = measurer.keras_row(variant, model, model_file if final else None)
+        row.update(extra)
+        if final and "min_layer" in metadata.get("sparsity", {}):
+            row["sparsity_on_disk"] = metadata["sparsity"]
+        rows.append(row)
+    if tflite is not None:
+        rows.append(measurer.litert_row(_variant_name(steps) + "-litert", runner, tflite,
+                                        float_model,
+                                        notes=["int8 runtime: LiteRT interpreter with XNNPACK, "
+                                               "dynamic-range int8 weights, SmoothQuant scales"]))
+    if options.quantize is not None:
+        rows[-2 if tflite is not None else -1]["notes"].append(
+            "int8 QuantizedDense in Keras: int8 on disk, dequantized per call by XLA "
+            "(no int8 kernels), so about float32 speed; the fast int8 path is the -litert row")
+    if options.dtype is not None:
+        rows[-1]["notes"].append(
+            f"{options.dtype} on this CPU through XLA; see the speed columns against the "
+            "original row measured in the same run")
+
+    report = {
+        "model": spec_name, "output": output, "steps": steps, "created": reporting.timestamp(),
+        "machine": reporting.machine(), "strategy": describe(strategy),
+        "eval": {"text": evaluation.EVAL_TEXT_DESCRIPTION, "tokens": options.eval_tokens,
+                 "sequence_length": options.eval_sequence_length,
+                 "positions": measurer.positions},
+        "training_text": (f"teacher generations from {len(teacher_text.prompts(1000))} "
+                          f"varied prompts, {len(train_ids)} tokens"
+                          if train_ids is not None else None),
+        "speed_setup": {"prompt_tokens": options.speed_prompt_tokens,
+                        "max_new_tokens": options.speed_new_tokens,
+                        "repeats": options.speed_repeats, "enabled": options.speed},
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "devices"},
+        "details": record, "row_keys": list(reporting.ROW_KEYS), "rows": rows,
+        "targets": reporting.targets(rows, config.num_layers), "notes": notes,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    staged = reporting.write_staged(report, report_path, staging)
+    _log(options, f"done in {report['elapsed_s']:.0f}s")
+    return report, staged
