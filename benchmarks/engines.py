@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -229,7 +228,8 @@ class LiteRTEngine(Engine):
 
         lm = keras_llm.load(self.s.model, progress=False)
         litert.convert(lm.model, self.path(), quantization=self.quantization,
-                       max_length=self.s.context)
+                       max_length=self.s.context,
+                       batch_sizes=tuple(sorted({1, *self.s.batch_sizes})))
 
     def setup(self):
         from keras_llm import litert  # pylint: disable=import-outside-toplevel
@@ -409,8 +409,10 @@ def run(name, stage, settings):
         metrics, tokens = engine.measure()
         if settings.profile_dir:
             engine.profile()
+        # VmHWM, not getrusage: Linux keeps ru_maxrss across execve, so a
+        # child would report the suite's own peak.
         peak = getattr(engine, "peak_rss_bytes", None)
-        peak = peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak() if peak else _high_water_mark(os.getpid())
     finally:
         engine.close()
     metrics["peak_rss_bytes"] = summarize([peak])

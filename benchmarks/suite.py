@@ -230,7 +230,7 @@ def token_agreement(results, reference="keras-llm-xla"):
 
 def _format(metric, summary):
     if metric.startswith("time_to_first_token"):
-        scale, digits = 1000, 0
+        scale, digits = 1000, 1
     elif metric.startswith("peak_rss"):
         scale, digits = 1 / 2**20, 0
     else:
