@@ -108,3 +108,21 @@ def test_qat_wrappers_match_dequantized_and_fine_tune(model):
     q = int8.get_layer("layer_0_query")
     np.testing.assert_array_equal(q.kernel.numpy(), quantize_kernel(after)[0])
     np.testing.assert_allclose(int8(IDS).numpy(), trained(IDS).numpy(), atol=1e-3)
+
+
+def test_prune_preserving_qat_keeps_zeros(model):
+    from keras_llm.optimize import measure_sparsity, prune  # pylint: disable=import-outside-toplevel
+
+    pruned = prune(model, 0.5)
+    zeros = {name: layer["zeros"] for name, layer in measure_sparsity(pruned)["layers"].items()}
+    batches = _batches(seed=3)
+    kept, _ = quantization_aware_fine_tune(pruned, batches, steps=3, learning_rate=1e-2,
+                                           preserve_zeros=True)
+    lost, _ = quantization_aware_fine_tune(pruned, batches, steps=3, learning_rate=1e-2)
+    for name, count in zeros.items():
+        q_kept = kept.get_layer(name).kernel.numpy()
+        original_zeros = pruned.get_layer(name).kernel.numpy() == 0
+        assert q_kept.dtype == np.int8 and np.all(q_kept[original_zeros] == 0), name
+        assert np.sum(q_kept == 0) >= count
+    # Without the masks, training moves pruned weights away from zero.
+    assert any(np.sum(lost.get_layer(n).kernel.numpy() == 0) < c for n, c in zeros.items())

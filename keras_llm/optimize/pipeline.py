@@ -41,6 +41,7 @@ import numpy as np
 import tf_keras as keras
 
 from keras_llm.optimize import evaluation, report as reporting, teacher_text
+from keras_llm.optimize._common import clone_with
 from keras_llm.optimize.strategy import describe, training_strategy
 
 QUANTIZE_MODES = ("int8", "qat")
@@ -502,7 +503,10 @@ def _run(model_spec, output, report_path, options, staging):
         _log(options, "converting to LiteRT int8 (model.tflite)")
         calibration = train_ids[: 4 * options.sequence_length].reshape(4, -1) \
             if train_ids is not None and len(train_ids) >= 4 * options.sequence_length else None
-        tflite, runner = _litert_int8(float_model, os.path.join(model_dir, "model.tflite"),
+        # A fresh copy: after strip_pruning/QAT some layers are shared with
+        # the training model, and conversion reads layer outputs by graph.
+        fresh = clone_with(float_model, lambda fresh_layer, original_layer: None)
+        tflite, runner = _litert_int8(fresh, os.path.join(model_dir, "model.tflite"),
                                       calibration)
         if tflite is None:
             notes.append(runner)
