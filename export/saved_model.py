@@ -214,7 +214,8 @@ def next_version(model_dir):
 
 
 def export_model(model, model_base_path, model_name, version=None, max_new_tokens=128,
-                 jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True):
+                 jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True,
+                 litert=None, litert_batch_sizes=(1, 4, 16), litert_max_length=512):
     """Write a SavedModel for TF Serving; see the module docstring.
 
     Args:
@@ -229,6 +230,12 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         chat: apply the chat template to string prompts inside the graph.
         safe_mode: as in `keras_llm.load`.
         warmup: write `assets.extra/tf_serving_warmup_requests`.
+        litert: also write `assets.extra/litert/model.tflite`, the same model
+            converted for keras-llm's server (see `keras_llm.litert`):
+            "float32", "float16" or "int8". TF Serving ignores it.
+        litert_batch_sizes: decode batch sizes of that file (its largest is
+            the server's slot count).
+        litert_max_length: cache positions per sequence in that file.
 
     Returns:
         The version directory written.
@@ -288,6 +295,8 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         lm.tokenizer.save_assets(assets)
         if warmup:
             write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
+        if litert:
+            _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length, metadata)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -297,6 +306,26 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         print(f"exported {model_name} version {version} to {target} "
               f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return target
+
+
+def _write_litert(lm, staging, precision, batch_sizes, max_length, metadata):
+    """Convert the model for the LiteRT serving path and record it in the
+    metadata asset. The calibration text for int8 smoothing is the
+    tokenizer's own rendering of a fixed English sentence set."""
+    from keras_llm import litert  # pylint: disable=import-outside-toplevel
+    if precision not in ("float32", "float16", "int8"):
+        raise ExportError(f"litert must be float32, float16 or int8, got {precision!r}")
+    max_length = min(int(max_length), lm.config.context_length)
+    calibration = lm.tokenizer.encode(litert.CALIBRATION_TEXT)[:max_length]
+    path = os.path.join(staging, "assets.extra", "litert", "model.tflite")
+    litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
+                   max_length=max_length, batch_sizes=batch_sizes,
+                   calibration_ids=[calibration])
+    metadata["litert"] = {"file": "assets.extra/litert/model.tflite", "precision": precision,
+                          "batch_sizes": sorted(int(b) for b in batch_sizes),
+                          "max_length": max_length}
+    with open(os.path.join(staging, "assets", METADATA_ASSET), "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, indent=2, ensure_ascii=False)
 
 
 def warmup_requests(model_name):

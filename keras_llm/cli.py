@@ -29,6 +29,16 @@ def _positive_int(text):
     return value
 
 
+def _int_list(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _add_model(parser):
     parser.add_argument("--model", default="smollm2",
                         help="preset name (smollm2), model directory, .keras/.h5 or .gguf file")
@@ -75,6 +85,12 @@ def build_parser():
     exp.add_argument("--chat", action="store_true",
                      help="apply the chat template to string prompts inside the graph")
     exp.add_argument("--no-warmup", dest="warmup", action="store_false")
+    exp.add_argument("--litert", choices=("float32", "float16", "int8"), default=None,
+                     help="also write a LiteRT file for keras-llm's server (int8: the fast CPU path)")
+    exp.add_argument("--litert-batch-sizes", default="1,4,16",
+                     help="decode batch sizes of the LiteRT file (largest = server slots)")
+    exp.add_argument("--litert-max-length", type=_positive_int, default=512,
+                     help="cache positions per sequence in the LiteRT file")
 
     for name, text in (("client", "send one prompt to a keras-llm server"),
                        ("chat", "chat with a keras-llm server in the terminal")):
@@ -264,7 +280,9 @@ def cmd_export(args):
     path = export_model(args.model, args.model_base_path, args.model_name,
                         version=args.version, max_new_tokens=args.max_new_tokens,
                         jit_compile=args.xla, chat=args.chat, safe_mode=not args.unsafe,
-                        warmup=args.warmup)
+                        warmup=args.warmup, litert=args.litert,
+                        litert_batch_sizes=_int_list(args.litert_batch_sizes, "--litert-batch-sizes"),
+                        litert_max_length=args.litert_max_length)
     print(path)
 
 

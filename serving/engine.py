@@ -54,6 +54,9 @@ class EngineConfig:
         memory_budget_bytes: if set, slots are limited to what fits.
         prompt_bucket: prompts are left-padded to a multiple of this.
         default_max_new_tokens: when a request does not say.
+        backend: "auto" (the export's LiteRT file when it has one, else its
+            XLA functions), "litert" or "saved_model".
+        num_threads: LiteRT threads (0: every core).
     """
 
     max_slots: int = 16
@@ -62,6 +65,8 @@ class EngineConfig:
     memory_budget_bytes: int = 0
     prompt_bucket: int = 64
     default_max_new_tokens: int = 128
+    backend: str = "auto"
+    num_threads: int = 0
 
 
 @dataclasses.dataclass
@@ -108,6 +113,97 @@ class _Slot:
         self.last_token = None
 
 
+class _SavedModelSteps:
+    """Prefill/decode through the export's `engine` functions (XLA), the
+    KV cache in the SavedModel's variables."""
+
+    name = "saved_model"
+
+    def __init__(self, module):
+        self.engine = module.engine
+
+    def limit(self, max_length):
+        return max_length
+
+    def slots(self, wanted):
+        return wanted
+
+    def allocate(self, num_slots, max_length):
+        self.engine.allocate(tf.constant(num_slots), tf.constant(max_length))
+
+    def prefill(self, padded, key_start, slot, s):
+        token, _ = self.engine.prefill(
+            tf.constant(padded), tf.constant([key_start], tf.int32),
+            tf.constant(slot, tf.int32), tf.constant([s.temperature], tf.float32),
+            tf.constant([s.top_k], tf.int32), tf.constant([s.top_p], tf.float32),
+            tf.constant([s.seed], tf.int32))
+        return int(token.numpy()[0])
+
+    def decode(self, tokens, position, key_start, step, temperature, top_k, top_p, seed):
+        nxt, _ = self.engine.decode(tokens, position, key_start, step,
+                                    temperature, top_k, top_p, seed)
+        return nxt.numpy()
+
+    def row_counts(self, num_slots):
+        """Every row count a decode step can have: 1, 2, 4, ... slots."""
+        rows, counts = 1, []
+        while rows < num_slots:
+            counts.append(rows)
+            rows *= 2
+        return counts + [num_slots]
+
+
+class _LiteRTSteps:
+    """Prefill/decode with the export's LiteRT file (`assets.extra/litert/
+    model.tflite`, see `keras_llm.litert`): XNNPACK kernels, int8 weights
+    when the export asked for them, the KV cache in the interpreter's
+    buffers. Greedy rows use the graph's argmax; sampled rows go through
+    `keras_llm.samplers.sample_next`, as on the XLA path."""
+
+    name = "litert"
+
+    def __init__(self, path, num_threads=None):
+        from keras_llm.litert import LiteRTRunner  # pylint: disable=import-outside-toplevel
+        from keras_llm.samplers import sample_next  # pylint: disable=import-outside-toplevel
+        self.runner = LiteRTRunner(path, num_threads=num_threads)
+        self._sample = tf.function(sample_next)
+        self._signatures = [self.runner.signatures[f"decode_b{b}"]
+                            for b in self.runner.batch_sizes]
+
+    def limit(self, max_length):
+        return min(max_length, self.runner.max_length)
+
+    def slots(self, wanted):
+        return min(wanted, self.runner.batch_sizes[-1])
+
+    def allocate(self, num_slots, max_length):
+        del num_slots, max_length  # the file's buffers are fixed
+
+    def _choose(self, rows):
+        chosen = self.runner.decoder(rows)
+        return chosen, [sig for sig in self._signatures if sig is not chosen]
+
+    def prefill(self, padded, key_start, slot, s):
+        targets = [(sig, slot) for sig in self._signatures if slot < sig.batch_size]
+        logits = self.runner.prefill(padded[0, key_start:], targets, start=key_start)
+        if s.temperature <= 0:
+            return int(np.argmax(logits))
+        token = self._sample(logits[np.newaxis], [s.temperature], [s.top_k], [s.top_p],
+                             [s.seed], [0])
+        return int(token.numpy()[0])
+
+    def decode(self, tokens, position, key_start, step, temperature, top_k, top_p, seed):
+        signature, mirrors = self._choose(len(tokens))
+        greedy = self.runner.step(signature, tokens, position, key_start, mirrors)
+        if not (temperature > 0).any():
+            return greedy
+        logits = np.array(signature.views["logits"][:len(tokens)])
+        return self._sample(logits, temperature, top_k, top_p, seed, step).numpy()
+
+    def row_counts(self, num_slots):
+        return [b for b in self.runner.batch_sizes if b <= num_slots] or [num_slots]
+
+
 class Engine:
     """Loads an export and generates for many concurrent requests.
 
@@ -119,6 +215,7 @@ class Engine:
     def __init__(self, export_dir, config=None):
         self.config = config or EngineConfig()
         self.export_dir = export_dir
+        # The signatures answer the server's TF Serving Predict calls.
         self.module = tf.saved_model.load(export_dir)
         assets = os.path.join(export_dir, "assets")
         with open(os.path.join(assets, "keras_llm.json"), encoding="utf-8") as handle:
@@ -129,19 +226,21 @@ class Engine:
         self.stop_ids = tuple(self.metadata["tokenizer"]["stop_ids"])
         self.pad_id = self.metadata["tokenizer"]["pad_id"]
         c = self.config
-        self.max_length = min(c.max_length, self.context_length)
+        self.steps = self._backend(export_dir, c, self.module)
+        self.max_length = self.steps.limit(min(c.max_length, self.context_length))
         itemsize = 2 if self.metadata.get("dtype") in ("bfloat16", "float16") else 4
         self.bytes_per_slot = (2 * model["num_layers"] * model["num_key_value_heads"]
                                * model["head_dim"] * self.max_length * itemsize)
-        slots = c.max_slots
+        slots = self.steps.slots(c.max_slots)
         if c.memory_budget_bytes:
             slots = min(slots, c.memory_budget_bytes // self.bytes_per_slot)
             if slots < 1:
                 raise ValueError(f"memory budget {c.memory_budget_bytes} B is below one slot "
                                  f"({self.bytes_per_slot} B for {self.max_length} tokens)")
         self.num_slots = int(slots)
-        self.module.engine.allocate(tf.constant(self.num_slots), tf.constant(self.max_length))
-        LOG.info(json.dumps({"event": "kv_cache", "slots": self.num_slots,
+        self.steps.allocate(self.num_slots, self.max_length)
+        LOG.info(json.dumps({"event": "kv_cache", "backend": self.steps.name,
+                             "slots": self.num_slots,
                              "context": self.max_length, "bytes_per_slot": self.bytes_per_slot,
                              "bytes": self.bytes_per_slot * self.num_slots}))
         self._waiting = []
@@ -151,6 +250,17 @@ class Engine:
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keras-llm-engine", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _backend(export_dir, config, module):
+        path = os.path.join(export_dir, "assets.extra", "litert", "model.tflite")
+        if config.backend not in ("auto", "litert", "saved_model"):
+            raise ValueError(f"backend must be auto, litert or saved_model, got {config.backend!r}")
+        if config.backend == "litert" and not os.path.isfile(path):
+            raise ValueError(f"{export_dir} has no LiteRT file (export it with --litert)")
+        if config.backend == "saved_model" or not os.path.isfile(path):
+            return _SavedModelSteps(module)
+        return _LiteRTSteps(path, config.num_threads or None)
 
     # ----- public interface ------------------------------------------------
 
@@ -194,22 +304,15 @@ class Engine:
 
     def warmup(self, prompt_buckets=2):
         """Compile before taking traffic: prefill for the first prompt buckets
-        and decode for every row count a step can have (1, 2, 4, ... slots)."""
-        engine = self.module.engine
-        sampling = [tf.zeros([1]), tf.zeros([1], tf.int32), tf.ones([1]), tf.zeros([1], tf.int32)]
+        and decode for every row count a step can have."""
+        greedy = Sampling(max_new_tokens=1)
         for k in range(1, prompt_buckets + 1):
             length = min(k * self.config.prompt_bucket, self.max_length)
-            engine.prefill(tf.fill([1, length], self.pad_id), tf.zeros([1], tf.int32),
-                           tf.constant(0), *sampling)
-        rows = 1
-        while True:
-            rows = min(rows, self.num_slots)
-            zeros = tf.zeros([rows], tf.int32)
-            engine.decode(zeros, zeros, zeros, zeros, tf.zeros([rows]), zeros, tf.ones([rows]),
-                          zeros)
-            if rows == self.num_slots:
-                break
-            rows *= 2
+            self.steps.prefill(np.full([1, length], self.pad_id, np.int32), 0, 0, greedy)
+        for rows in self.steps.row_counts(self.num_slots):
+            zeros = np.zeros([rows], np.int32)
+            self.steps.decode(zeros, zeros, zeros, zeros, np.zeros([rows], np.float32), zeros,
+                              np.ones([rows], np.float32), zeros)
         request = self.submit(self.tokenizer.encode("Hello") or [0], Sampling(max_new_tokens=2))
         while request.events.get()[0] != "done":
             pass
@@ -259,14 +362,10 @@ class Engine:
         padded = np.full([1, bucket], self.pad_id, np.int32)
         padded[0, bucket - len(ids):] = ids
         s = request.sampling
-        token, _ = self.module.engine.prefill(
-            tf.constant(padded), tf.constant([bucket - len(ids)], tf.int32),
-            tf.constant(index, tf.int32), tf.constant([s.temperature], tf.float32),
-            tf.constant([s.top_k], tf.int32), tf.constant([s.top_p], tf.float32),
-            tf.constant([s.seed], tf.int32))
+        token = self.steps.prefill(padded, bucket - len(ids), index, s)
         slot = _Slot(request, bucket, bucket - len(ids), self.tokenizer.stream_decoder())
         self._slots[index] = slot
-        self._emit(index, int(token.numpy()[0]))
+        self._emit(index, token)
 
     def _rows(self):
         """Rows a decode step covers: past the highest busy slot, rounded up to
@@ -297,9 +396,7 @@ class Engine:
             step[i] = len(r.tokens)
             s = r.sampling
             temperature[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, s.seed
-        nxt, _ = self.module.engine.decode(tokens, position, key_start, step,
-                                           temperature, top_k, top_p, seed)
-        nxt = nxt.numpy()
+        nxt = self.steps.decode(tokens, position, key_start, step, temperature, top_k, top_p, seed)
         for i, slot in enumerate(self._slots[:n]):
             if slot is not None:
                 self._emit(i, int(nxt[i]))

@@ -453,6 +453,12 @@ def main(argv=None):
     parser.add_argument("--max_queue", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=1024,
                         help="tokens per sequence slot (prompt bucket + new tokens)")
+    parser.add_argument("--engine_backend", choices=("auto", "litert", "saved_model"),
+                        default="auto",
+                        help="decode with the export's LiteRT file when it has one (auto), "
+                             "always (litert) or with its XLA functions (saved_model)")
+    parser.add_argument("--num_threads", type=int, default=0,
+                        help="LiteRT threads (0: every core)")
     parser.add_argument("--kv_cache_bytes", type=int, default=0,
                         help="memory budget of the KV cache per model (0: max_slots slots)")
     parser.add_argument("--metrics_port", type=int, default=None)
@@ -466,7 +472,8 @@ def main(argv=None):
         models = {args.model_name: args.model_base_path}
     else:
         parser.error("give --model_name and --model_base_path, or --model_config_file")
-    config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes)
+    config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes,
+                          backend=args.engine_backend, num_threads=args.num_threads)
     if args.batching_parameters_file:
         read_batching_parameters(args.batching_parameters_file, config)
     if args.max_slots:

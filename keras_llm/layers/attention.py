@@ -65,22 +65,42 @@ class CachedAttention(keras.layers.Layer):
 
         key = tf.transpose(key, [0, 2, 1, 3])  # (B, KV, T, D)
         value = tf.transpose(value, [0, 2, 1, 3])
-        if context is None:
-            keys, values = key, value
-            causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
-            mask = causal[tf.newaxis, tf.newaxis, tf.newaxis]  # (1, 1, 1, T, T)
-        else:
-            keys, values = context.update(self.layer_index, key, value)  # (B, KV, S, D)
-            mask = context.attention_mask(length, tf.shape(keys)[2])  # (B, 1, 1, T, S)
-
         query = tf.reshape(query, [batch, length, kv_heads, groups, dim])
         query = tf.transpose(query, [0, 2, 3, 1, 4]) * (dim ** -0.5)  # (B, KV, G, T, D)
-        scores = tf.einsum("bkgtd,bksd->bkgts", query, tf.cast(keys, tf.float32))
-        scores = tf.where(mask, scores, tf.constant(-1e30, tf.float32))
-        probs = tf.nn.softmax(scores, axis=-1)
-        mixed = tf.einsum("bkgts,bksd->bkgtd", tf.cast(probs, values.dtype), values)
+        if context is not None and getattr(context, "separate_past", False):
+            # The past stays where it is (an input buffer of a runtime that
+            # owns the cache); attend over it and over this call's keys as two
+            # blocks, so the buffers are never copied.
+            past_keys, past_values = context.past(self.layer_index, key, value)
+            past_mask, new_mask = context.attention_masks(length, tf.shape(past_keys)[2])
+            past = self._scores(query, past_keys, past_mask)
+            scores = tf.concat([past, self._scores(query, key, new_mask)], axis=-1)
+            probs = tf.nn.softmax(scores, axis=-1)
+            split = tf.shape(past_keys)[2]
+            mixed = (self._mix(probs[..., :split], past_values)
+                     + self._mix(probs[..., split:], value))
+        else:
+            if context is None:
+                keys, values = key, value
+                causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
+                mask = causal[tf.newaxis, tf.newaxis, tf.newaxis]  # (1, 1, 1, T, T)
+            else:
+                keys, values = context.update(self.layer_index, key, value)  # (B, KV, S, D)
+                mask = context.attention_mask(length, tf.shape(keys)[2])  # (B, 1, 1, T, S)
+            probs = tf.nn.softmax(self._scores(query, keys, mask), axis=-1)
+            mixed = self._mix(probs, values)
         mixed = tf.transpose(mixed, [0, 3, 1, 2, 4])  # (B, T, KV, G, D)
         return tf.cast(tf.reshape(mixed, [batch, length, heads * dim]), self.compute_dtype)
+
+    @staticmethod
+    def _scores(query, keys, mask):
+        """Masked scores `(B, KV, G, T, S)` of queries against `(B, KV, S, D)` keys."""
+        scores = tf.einsum("bkgtd,bksd->bkgts", query, tf.cast(keys, tf.float32))
+        return tf.where(mask, scores, tf.constant(-1e30, tf.float32))
+
+    @staticmethod
+    def _mix(probs, values):
+        return tf.einsum("bkgts,bksd->bkgtd", tf.cast(probs, values.dtype), values)
 
     def compute_output_shape(self, input_shape):
         query_shape = tf.TensorShape(input_shape[0])

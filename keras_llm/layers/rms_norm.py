@@ -29,8 +29,11 @@ class RMSNorm(keras.layers.Layer):
     def call(self, inputs):
         x = tf.cast(inputs, tf.float32)
         variance = tf.reduce_mean(tf.square(x), axis=-1, keepdims=True)
-        x = x * tf.math.rsqrt(variance + self.epsilon)
-        x = x * tf.cast(self.scale, tf.float32)
+        # One product of the per-row factor and the per-channel scale: a
+        # constant multiply right before a projection would be folded into
+        # its weights by the LiteRT converter, undoing the SmoothQuant scales
+        # that keras_llm.litert keeps in `scale`.
+        x = x * (tf.math.rsqrt(variance + self.epsilon) * tf.cast(self.scale, tf.float32))
         return tf.cast(x, self.compute_dtype)
 
     def get_config(self):

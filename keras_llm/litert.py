@@ -1,0 +1,460 @@
+"""LiteRT (TFLite) decode path: the model's own call converted, run by XNNPACK.
+
+XLA on CPU reads every weight in float32 at each decode step (it hoists a
+cast of small weights out of the loop), and its many small kernels cost as
+much as the matvecs at batch 1. LiteRT with XNNPACK runs the whole step as
+one delegated graph and executes dynamic-range int8 weights with int8
+kernels, which is where a CPU decode gets faster than its float32 memory
+bound.
+
+`convert` traces the model's forward pass (the same Functional model, under
+`ExternalCacheContext`) into one `.tflite` file with signatures:
+
+- `decode_b{B}` for each batch size: tokens `(B, 1)`, per-row position
+  `index (B,)` and first real position `key_start (B,)`, and each layer's
+  past keys/values `k_{i}`, `v_{i}` `(B, KV, S, D)` as inputs; outputs
+  `logits (B, V)` and this step's keys/values `(B, KV, 1, D)`.
+- `prefill`: the same for one row of `T` tokens, with logits for every
+  position (for prompts and for teacher-forced scoring).
+
+The past is never copied in or out: `LiteRTRunner` keeps it in the
+interpreter's own input buffers and writes each step's new keys/values into
+them in place, the only per-step host work besides the tokens.
+
+With `quantization="int8"` the weights are stored as int8 (dynamic-range
+quantization) after SmoothQuant-style per-channel smoothing: XNNPACK
+quantizes activations per row, so outlier channels of the normalized
+activations are divided out (into the RMSNorm scales and the MLP up
+projection) and multiplied into the next projection's weights. In float the
+smoothed model computes the same function.
+
+Example:
+    >>> path = convert(model, "/tmp/model.tflite", quantization="int8")
+    >>> runner = LiteRTRunner(path)
+    >>> tokens, stats = runner.generate_ids([[1, 2, 3]], max_new_tokens=16)
+"""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from keras_llm.layers import KVCacheContext
+from keras_llm.models import config_from_model, find_layer
+
+QUANTIZATIONS = (None, "float16", "int8")
+
+# Calibration text for the int8 smoothing when the caller has none: ordinary
+# English prose written for this project (so never a benchmark's test text).
+CALIBRATION_TEXT = (
+    "The library opens at nine in the morning and closes at six in the evening. "
+    "Visitors may borrow up to five books at a time, and most loans last three weeks. "
+    "On rainy days the reading room fills quickly, so students often arrive early to find "
+    "a seat near the windows. The staff answer questions about local history, help people "
+    "search the catalogue, and run a small workshop on writing letters every Thursday. "
+    "Last year the building was repaired after a storm damaged part of the roof; the work "
+    "took four months, cost more than expected, and was paid for by the town council. "
+    "Children's stories, maps of the region, old newspapers and a collection of recipes "
+    "from nearby farms are among the things people ask for most.")
+
+
+class ExternalCacheContext(KVCacheContext):
+    """Cache context for a step whose past keys/values are inputs.
+
+    Attention layers see `separate_past` and attend over the past buffers and
+    this call's own keys as two blocks (nothing is concatenated or copied);
+    the new keys/values are collected in `new` for the caller to output.
+
+    Args:
+        past: list of `(keys, values)` per layer, `(B, KV, S, D)`.
+        index: int32 `(B,)`, the position of each row's first token of this call.
+        key_start: int32 `(B,)`, each row's first real position.
+        last_position_only: logits for the last position only.
+    """
+
+    separate_past = True
+
+    def __init__(self, past, index, key_start, last_position_only=True):
+        super().__init__(past, tf.zeros([], tf.int32), key_start, last_position_only)
+        self.row_index = tf.convert_to_tensor(index, tf.int32)
+        self.new = [None] * len(past)
+
+    def positions(self, length):
+        offsets = self.row_index[:, tf.newaxis] + tf.range(length, dtype=tf.int32)
+        return offsets - self.key_start[:, tf.newaxis]
+
+    def past(self, layer_index, keys, values):
+        self.new[layer_index] = (keys, values)
+        return self.caches[layer_index]
+
+    def attention_masks(self, length, past_length):
+        """`(B, 1, 1, 1, S)` for the past, `(B, 1, 1, T, T)` for this call."""
+        slots = tf.range(past_length, dtype=tf.int32)[tf.newaxis, :]
+        index = self.row_index[:, tf.newaxis]
+        start = self.key_start[:, tf.newaxis]
+        past = (slots < index) & (slots >= start)  # (B, S)
+        steps = tf.range(length, dtype=tf.int32)
+        causal = steps[tf.newaxis, :] <= steps[:, tf.newaxis]  # (T query, T key)
+        started = (index + steps[tf.newaxis, :]) >= start  # (B, T key)
+        new = causal[tf.newaxis] & started[:, tf.newaxis, :]  # (B, T, T)
+        return (past[:, tf.newaxis, tf.newaxis, tf.newaxis, :],
+                new[:, tf.newaxis, tf.newaxis, :, :])
+
+
+# ----- smoothing ---------------------------------------------------------------
+
+
+def _copy_model(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _calibration_ids(config, calibration_ids):
+    if calibration_ids is not None:
+        ids = np.asarray(calibration_ids, np.int32)
+        return ids if ids.ndim == 2 else ids[np.newaxis]
+    rng = np.random.default_rng(0)
+    return rng.integers(0, config.vocabulary_size, size=(2, 64), dtype=np.int32)
+
+
+def smooth(model, calibration_ids=None, alpha=0.5):
+    """A copy of `model` with SmoothQuant per-channel scales folded in.
+
+    For each layer, the inputs of the query/key/value and gate/up projections
+    are divided per channel by `s = a**alpha / w**(1 - alpha)` (a: the
+    channel's largest activation on the calibration tokens, w: its largest
+    weight in the projections that read it), folded into the RMSNorm scale,
+    and the projections' weight rows are multiplied by `s`. The down
+    projection's input is smoothed the same way through the up projection's
+    output columns (`silu(gate) * up` is linear in `up`).
+
+    Args:
+        model: a keras-llm Functional model (float32).
+        calibration_ids: `(B, T)` token ids (natural text is best); a fixed
+            random batch if None.
+        alpha: migration strength in [0, 1]; 0 leaves the model unchanged.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    config = config_from_model(model)
+    ids = _calibration_ids(config, calibration_ids)
+    probes = []
+    for i in range(config.num_layers):
+        probes += [find_layer(model, f"layer_{i}_attention_norm").output,
+                   find_layer(model, f"layer_{i}_mlp_norm").output,
+                   find_layer(model, f"layer_{i}_mlp_down").input]
+    activations = keras.Model(model.inputs, probes)(tf.constant(ids), training=False)
+    smoothed = _copy_model(model)
+
+    def channel_max(tensor):
+        return np.maximum(np.abs(np.asarray(tensor)).reshape(-1, tensor.shape[-1]).max(0), 1e-5)
+
+    for i in range(config.num_layers):
+        attention_in, mlp_in, down_in = activations[3 * i:3 * i + 3]
+        groups = [(attention_in, f"layer_{i}_attention_norm", None, ("query", "key", "value")),
+                  (mlp_in, f"layer_{i}_mlp_norm", None, ("mlp_gate", "mlp_up")),
+                  (down_in, None, f"layer_{i}_mlp_up", ("mlp_down",))]
+        for acts, norm_name, up_name, readers in groups:
+            kernels = [find_layer(smoothed, f"layer_{i}_{r}").kernel for r in readers]
+            weight_max = np.maximum(
+                np.max([np.abs(k.numpy()).max(1) for k in kernels], axis=0), 1e-5)
+            scale = (channel_max(acts) ** alpha / weight_max ** (1.0 - alpha)).astype(np.float32)
+            for kernel in kernels:
+                kernel.assign(kernel.numpy() * scale[:, np.newaxis])
+            if norm_name is not None:
+                norm = find_layer(smoothed, norm_name)
+                norm.scale.assign(norm.scale.numpy() / scale)
+            else:
+                up = find_layer(smoothed, up_name).kernel
+                up.assign(up.numpy() / scale[np.newaxis, :])
+    return smoothed
+
+
+# ----- conversion --------------------------------------------------------------
+
+
+class _StepFunctions(tf.Module):
+    """The tf.functions that become the .tflite signatures."""
+
+    def __init__(self, model, max_length, batch_sizes, prefill_length):
+        super().__init__(name="litert_steps")
+        self.model = model
+        c = config_from_model(model)
+        self.num_layers = c.num_layers
+        self.functions = {}
+        for batch in batch_sizes:
+            self.functions[f"decode_b{batch}"] = self._function(
+                c, batch, 1, max_length, last_position_only=True)
+        self.functions["prefill"] = self._function(
+            c, 1, prefill_length, max_length, last_position_only=False)
+
+    def _function(self, c, batch, length, max_length, last_position_only):
+        cache = tf.TensorSpec([batch, c.num_key_value_heads, max_length, c.head_dim], tf.float32)
+        specs = [tf.TensorSpec([batch, length], tf.int32, name="tokens"),
+                 tf.TensorSpec([batch], tf.int32, name="index"),
+                 tf.TensorSpec([batch], tf.int32, name="key_start")]
+        for i in range(c.num_layers):
+            specs += [tf.TensorSpec(cache.shape, tf.float32, name=f"k_{i}"),
+                      tf.TensorSpec(cache.shape, tf.float32, name=f"v_{i}")]
+
+        def step(tokens, index, key_start, *past):
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+            context = ExternalCacheContext(pairs, index, key_start, last_position_only)
+            with context.active():
+                logits = self.model(tokens, training=False)
+            logits = logits[:, -1, :] if last_position_only else logits
+            outputs = {"logits": logits, "greedy": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+            for i, (keys, values) in enumerate(context.new):
+                outputs[f"new_k_{i}"] = keys
+                outputs[f"new_v_{i}"] = values
+            return outputs
+
+        # The converter names each signature after its function.
+        step.__name__ = f"decode_b{batch}" if last_position_only else "prefill"
+        return tf.function(step, input_signature=specs, autograph=False)
+
+
+def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
+            batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None):
+    """Convert `model` to a LiteRT file at `path` (written atomically).
+
+    Args:
+        model: a keras-llm Functional model.
+        path: the `.tflite` file to write.
+        quantization: None (float32), "float16" (16-bit weights) or "int8"
+            (dynamic-range int8 weights, smoothed; see `smooth`).
+        smooth_alpha: SmoothQuant strength for "int8" (0 turns it off).
+        max_length: cache positions per sequence (prompt plus new tokens).
+        batch_sizes: the decode batch sizes to compile.
+        prefill_length: tokens per prefill call (longer prompts take several).
+        calibration_ids: `(B, T)` token ids for smoothing.
+
+    Returns:
+        `path`.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    config = config_from_model(model)
+    if not 0 < max_length <= config.context_length:
+        raise ValueError(f"max_length must be in [1, {config.context_length}]")
+    if prefill_length > max_length:
+        raise ValueError("prefill_length cannot exceed max_length")
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ValueError("batch_sizes must be positive integers")
+    if quantization == "int8" and smooth_alpha:
+        model = smooth(model, calibration_ids, smooth_alpha)
+    steps = _StepFunctions(model, max_length, batch_sizes, prefill_length)
+    functions = [f.get_concrete_function() for f in steps.functions.values()]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, steps)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    flatbuffer = converter.convert()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(suffix=".tflite.partial", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(flatbuffer)
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+    return path
+
+
+# ----- running -----------------------------------------------------------------
+
+
+class _Signature:
+    """One signature's subgraph with persistent numpy views of its buffers.
+
+    The views stay valid because the tensors are allocated once and never
+    resized; they are how the cache is written in place.
+    """
+
+    def __init__(self, interpreter, key, definition):
+        self._wrapper = interpreter._interpreter  # pylint: disable=protected-access
+        self._base = interpreter
+        self.subgraph = self._wrapper.GetSubgraphIndexFromSignature(key)
+        self._inputs = definition["inputs"]
+        self._outputs = definition["outputs"]
+        self._wrapper.AllocateTensors(self.subgraph)
+        self.batch_size = self.shape("tokens")[0]
+        self.views = {}
+
+    def bind(self):
+        """Take views of every input and output (after the first invoke,
+        which applies the XNNPACK delegate)."""
+        for name, index in list(self._inputs.items()) + list(self._outputs.items()):
+            self.views[name] = self._wrapper.tensor(self._base, index, self.subgraph)
+
+    def shape(self, name):
+        return tuple(self._wrapper.TensorSize(self._inputs[name], self.subgraph))
+
+    def zero_inputs(self):
+        for name, index in self._inputs.items():
+            value = self._wrapper.GetTensor(index, self.subgraph)
+            self._wrapper.SetTensor(index, np.zeros_like(value), self.subgraph)
+
+    def run(self):
+        self._wrapper.Invoke(self.subgraph)
+
+
+class LiteRTRunner:
+    """Runs a file written by `convert`: greedy generation and teacher-forced
+    logits, with each decode batch size's KV cache in its interpreter buffers.
+
+    Args:
+        path: the `.tflite` file.
+        num_threads: XNNPACK threads (default: every CPU core).
+
+    Attributes:
+        batch_sizes: the decode batch sizes the file has.
+        max_length: cache positions per sequence.
+        prefill_length: tokens per prefill call.
+    """
+
+    def __init__(self, path, num_threads=None):
+        # Imported here: the interpreter package is only needed on this path.
+        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no LiteRT file at {path}")
+        self.path = path
+        self.interpreter = Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
+        definitions = self.interpreter._get_full_signature_list()  # pylint: disable=protected-access
+        if "prefill" not in definitions:
+            raise ValueError(f"{path} was not written by keras_llm.litert.convert")
+        self.signatures = {key: _Signature(self.interpreter, key, d)
+                           for key, d in definitions.items()}
+        prefill = self.signatures["prefill"]
+        self.prefill_length = prefill.shape("tokens")[1]
+        _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
+        self.num_layers = sum(name.startswith("k_") for name in definitions["prefill"]["inputs"])
+        self.batch_sizes = sorted(int(key[len("decode_b"):]) for key in definitions
+                                  if key.startswith("decode_b"))
+        self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
+        for signature in self.signatures.values():
+            signature.zero_inputs()
+            signature.run()  # applies the delegate; buffers are final after this
+            signature.bind()
+            signature.zero_inputs()
+
+    def decoder(self, batch_size):
+        """The smallest decode signature with at least `batch_size` rows."""
+        for size in self.batch_sizes:
+            if size >= batch_size:
+                return self.signatures[f"decode_b{size}"]
+        raise ValueError(f"batch of {batch_size} exceeds the largest compiled decode batch "
+                         f"({self.batch_sizes[-1]}); convert with larger batch_sizes")
+
+    def prefill(self, token_ids, targets=(), all_logits=False, start=0):
+        """Run one sequence's tokens at cache positions `start, start + 1, ...`
+        (RoPE positions from 0); copy its keys/values into row `row` of each
+        `(signature, row)` in `targets`.
+
+        Returns the logits of the last token `(V,)`, or of every token
+        `(T, V)` with `all_logits`.
+        """
+        ids = np.asarray(token_ids, np.int32).reshape(-1)
+        if not 0 < len(ids) <= self.max_length - start:
+            raise ValueError(f"sequence of {len(ids)} tokens from position {start}; this file "
+                             f"holds {self.max_length} positions")
+        offset = start
+        step = self.signatures["prefill"]
+        views, width = step.views, self.prefill_length
+        pieces = []
+        for first in range(0, len(ids), width):
+            chunk = ids[first:first + width]
+            count = len(chunk)
+            at = offset + first
+            tokens = views["tokens"]
+            tokens[...] = 0
+            tokens[0, :count] = chunk
+            views["index"][0] = at
+            views["key_start"][0] = offset
+            step.run()
+            more = first + width < len(ids)
+            for name in self._cache_names:
+                new = views[f"new_{name}"][0, :, :count]
+                if more:
+                    views[name][0, :, at:at + count] = new
+                for target, row in targets:
+                    target.views[name][row, :, at:at + count] = new
+            logits = views["logits"][0]
+            pieces.append(np.array(logits[:count]) if all_logits else np.array(logits[count - 1]))
+        return np.concatenate(pieces) if all_logits else pieces[-1]
+
+    def __call__(self, token_ids, training=False):
+        """Teacher-forced logits `(B, T, V)` for `(B, T)` token ids."""
+        del training
+        ids = np.asarray(token_ids, np.int32)
+        return np.stack([self.prefill(row, all_logits=True) for row in ids])
+
+    def step(self, signature, tokens, index, key_start=0, mirrors=()):
+        """One decode step for rows `0..len(tokens)-1` of `signature`, each
+        row at its own position `index` (`key_start`: its first real
+        position). The new keys/values go into `signature`'s cache and into
+        the same rows of each signature in `mirrors` (so a scheduler can
+        switch batch sizes between steps). Returns the greedy next tokens;
+        the logits stay in `signature.views["logits"]`."""
+        views = signature.views
+        count = len(tokens)
+        views["tokens"][:count, 0] = tokens
+        views["index"][:count] = index
+        views["key_start"][:count] = key_start
+        signature.run()
+        rows = np.arange(count)
+        index = np.asarray(index)
+        for name in self._cache_names:
+            new = views[f"new_{name}"][:count, :, 0]
+            views[name][rows, :, index] = new
+            for mirror in mirrors:
+                fits = rows < mirror.batch_size
+                mirror.views[name][rows[fits], :, index[fits]] = new[fits]
+        return np.array(views["greedy"][:count])
+
+    def generate_ids(self, prompt_ids, max_new_tokens, stop_ids=()):
+        """Greedy generation for a batch of prompts (lengths may differ).
+
+        Returns (tokens: list of lists, stats dict with "prefill_s",
+        "time_to_first_token_s", "decode_s", "decode_tokens_per_s").
+        """
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_length:
+            raise ValueError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
+                             f"the file's {self.max_length} cache positions")
+        signature = self.decoder(len(prompts))
+        start = time.perf_counter()
+        tokens = np.array([int(np.argmax(self.prefill(p, [(signature, row)])))
+                           for row, p in enumerate(prompts)], np.int32)
+        first = time.perf_counter()
+        out = [[int(t)] for t in tokens]
+        done = np.isin(tokens, list(stop_ids))
+        index = np.array([len(p) for p in prompts], np.int32)
+        steps = 0
+        for _ in range(max_new_tokens - 1):
+            if done.all():
+                break
+            tokens = self.step(signature, tokens, index)
+            index += 1
+            steps += 1
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    out[row].append(int(token))
+                    done[row] = token in stop_ids
+        end = time.perf_counter()
+        return out, {"prefill_s": first - start, "time_to_first_token_s": first - start,
+                     "decode_s": end - first,
+                     "decode_tokens_per_s": steps * len(prompts) / max(end - first, 1e-9)}

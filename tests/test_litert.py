@@ -1,0 +1,176 @@
+"""The LiteRT decode path: conversion of the model's own call, the runner's
+in-place cache, int8 weights, and the server's LiteRT backend."""
+
+import concurrent.futures
+import json
+import os
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+
+from export.saved_model import export_model
+from keras_llm import litert
+from keras_llm.generation import Generator, SamplingParams
+from serving.engine import Engine, EngineConfig
+from serving.server import Server
+from tests.helpers import tiny_language_model, tiny_model
+from tests.test_serving import stream
+
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def float_file(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("litert") / "model.tflite"
+    return litert.convert(model, str(path), batch_sizes=(1, 2, 4), max_length=MAX_LENGTH,
+                          prefill_length=16)
+
+
+@pytest.fixture(scope="module")
+def runner(float_file):
+    return litert.LiteRTRunner(float_file, num_threads=1)
+
+
+def _greedy_reference(model, prompt, count):
+    sequence = list(prompt)
+    for _ in range(count):
+        logits = model(tf.constant([sequence]), training=False).numpy()
+        sequence.append(int(np.argmax(logits[0, -1])))
+    return sequence[len(prompt):]
+
+
+def test_signatures_and_shapes(runner):
+    assert runner.batch_sizes == [1, 2, 4]
+    assert (runner.max_length, runner.prefill_length, runner.num_layers) == (MAX_LENGTH, 16, 2)
+    assert set(runner.signatures) == {"prefill", "decode_b1", "decode_b2", "decode_b4"}
+
+
+def test_teacher_forced_logits_match_the_model_across_prefill_chunks(model, runner):
+    ids = np.random.default_rng(0).integers(0, 200, size=(2, 37)).astype(np.int32)  # 3 chunks
+    expected = model(tf.constant(ids), training=False).numpy()
+    got = runner(ids)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_greedy_generation_matches_full_recompute_for_ragged_batches(model, runner):
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, 200, n)) for n in (20, 3, 17)]  # decode_b4 for 3 rows
+    tokens, stats = runner.generate_ids(prompts, 12)
+    for prompt, got in zip(prompts, tokens):
+        assert got == _greedy_reference(model, prompt, 12)
+    assert stats["decode_tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0
+    # Same prompt alone (decode_b1): the batch does not change a row's tokens.
+    alone, _ = runner.generate_ids(prompts[1:2], 12)
+    assert alone[0] == tokens[1]
+
+
+def test_generation_matches_the_xla_generator(model, runner):
+    prompts = [[5, 9, 14, 2, 77], [31, 8]]
+    expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=10))
+    tokens, _ = runner.generate_ids(prompts, 10)
+    assert tokens == [list(g.token_ids) for g in expected]
+
+
+def test_limits_are_clear_errors(model, runner, tmp_path):
+    with pytest.raises(ValueError, match="largest compiled decode batch"):
+        runner.generate_ids([[1]] * 5, 2)
+    with pytest.raises(ValueError, match="cache positions"):
+        runner.generate_ids([[1] * 60], 10)
+    with pytest.raises(ValueError, match="quantization"):
+        litert.convert(model, str(tmp_path / "x.tflite"), quantization="int4")
+    with pytest.raises(FileNotFoundError):
+        litert.LiteRTRunner(str(tmp_path / "missing.tflite"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoothing_keeps_the_float_function(model):
+    ids = np.random.default_rng(2).integers(0, 200, size=(2, 24)).astype(np.int32)
+    smoothed = litert.smooth(model, ids, alpha=0.5)
+    changed = [name for name in ("layer_0_attention_norm", "layer_0_mlp_up", "layer_1_query")
+               if not np.allclose(smoothed.get_layer(name).get_weights()[0],
+                                  model.get_layer(name).get_weights()[0])]
+    assert changed == ["layer_0_attention_norm", "layer_0_mlp_up", "layer_1_query"]
+    np.testing.assert_allclose(smoothed(tf.constant(ids)).numpy(),
+                               model(tf.constant(ids)).numpy(), atol=1e-4)
+
+
+def test_int8_file_stores_int8_weights_and_follows_the_model(tmp_path):
+    # Wide enough that every projection has the converter's minimum of 1,024
+    # weights for int8 (smaller tensors stay float).
+    model = tiny_model(seed=3, hidden_dim=64, num_query_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_dim=128)
+    ids = np.random.default_rng(4).integers(0, 200, size=(1, 24)).astype(np.int32)
+    paths = {q: litert.convert(model, str(tmp_path / f"{q}.tflite"), quantization=q,
+                               batch_sizes=(1,), max_length=MAX_LENGTH, prefill_length=16,
+                               calibration_ids=ids)
+             for q in (None, "int8")}
+    path = paths["int8"]
+    interpreter = Interpreter(model_path=path)
+    int8 = [t for t in interpreter.get_tensor_details() if t["dtype"] == np.int8]
+    int8_values = sum(int(np.prod(t["shape"])) for t in int8)
+    weights = sum(int(np.prod(w.shape)) for w in model.weights if len(w.shape) == 2)
+    assert int8_values >= weights  # every projection and the embedding (shared by signatures)
+    assert os.path.getsize(path) < 0.6 * os.path.getsize(paths[None])
+    runner = litert.LiteRTRunner(path, num_threads=1)
+    expected = model(tf.constant(ids)).numpy()
+    got = runner(ids)
+    relative = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert relative < 0.2
+
+
+@pytest.fixture(scope="module")
+def litert_server(tmp_path_factory):
+    lm = tiny_language_model(seed=6)
+    base = tmp_path_factory.mktemp("models")
+    path = export_model(lm, base, "tiny", max_new_tokens=16, progress=False, warmup=False,
+                        litert="float32", litert_batch_sizes=(1, 2, 4), litert_max_length=128)
+    config = EngineConfig(max_slots=8, max_queue=8, max_length=128, prompt_bucket=16)
+    srv = Server({"tiny": str(base / "tiny")}, port=0, engine_config=config, poll_seconds=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    yield lm, channel, srv, path
+    channel.close()
+    srv.drain(0)
+
+
+def test_export_records_the_litert_file(litert_server):
+    _, _, _, path = litert_server
+    with open(os.path.join(path, "assets", "keras_llm.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    assert meta["litert"] == {"file": "assets.extra/litert/model.tflite", "precision": "float32",
+                              "batch_sizes": [1, 2, 4], "max_length": 128}
+    assert os.path.isfile(os.path.join(path, meta["litert"]["file"]))
+
+
+def test_server_uses_litert_and_matches_the_generator(litert_server):
+    lm, channel, srv, _ = litert_server
+    engine = srv.servables.lookup("tiny").engine
+    assert engine.steps.name == "litert" and engine.num_slots == 4  # capped by the file
+    prompts = [f"request number {i}" for i in range(7)]  # more than the slots: queued
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=10)[1], prompts))
+    for prompt, summary in zip(prompts, results):
+        assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=10).token_ids
+
+
+def test_server_litert_sampling_matches_generator(litert_server):
+    lm, channel, _, _ = litert_server
+    _, summary = stream(channel, text="hello", max_new_tokens=10, temperature=0.8, top_k=30,
+                        top_p=0.9, seed=5)
+    expected = lm.generate("hello", max_new_tokens=10, temperature=0.8, top_k=30, top_p=0.9, seed=5)
+    assert list(summary.token_ids) == expected.token_ids
+
+
+def test_litert_backend_requires_the_file(tmp_path):
+    lm = tiny_language_model(seed=6)
+    path = export_model(lm, tmp_path, "plain", max_new_tokens=8, progress=False, warmup=False)
+    with pytest.raises(ValueError, match="no LiteRT file"):
+        Engine(path, EngineConfig(backend="litert"))
