@@ -310,17 +310,16 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
 
 def _write_litert(lm, staging, precision, batch_sizes, max_length, metadata):
     """Convert the model for the LiteRT serving path and record it in the
-    metadata asset. The calibration text for int8 smoothing is the
-    tokenizer's own rendering of a fixed English sentence set."""
+    metadata asset. int8 smoothing calibrates on `litert.CALIBRATION_TEXT`."""
     from keras_llm import litert  # pylint: disable=import-outside-toplevel
     if precision not in ("float32", "float16", "int8"):
         raise ExportError(f"litert must be float32, float16 or int8, got {precision!r}")
     max_length = min(int(max_length), lm.config.context_length)
-    calibration = lm.tokenizer.encode(litert.CALIBRATION_TEXT)[:max_length]
+    calibration = litert.calibration_ids(lm.tokenizer, max_length)
     path = os.path.join(staging, "assets.extra", "litert", "model.tflite")
     litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
                    max_length=max_length, batch_sizes=batch_sizes,
-                   calibration_ids=[calibration])
+                   calibration_ids=calibration)
     metadata["litert"] = {"file": "assets.extra/litert/model.tflite", "precision": precision,
                           "batch_sizes": sorted(int(b) for b in batch_sizes),
                           "max_length": max_length}

@@ -81,6 +81,7 @@ class ExternalCacheContext(KVCacheContext):
         super().__init__(past, tf.zeros([], tf.int32), key_start, last_position_only)
         self.row_index = tf.convert_to_tensor(index, tf.int32)
         self.new = [None] * len(past)
+        self._biases = None
 
     def positions(self, length):
         offsets = self.row_index[:, tf.newaxis] + tf.range(length, dtype=tf.int32)
@@ -89,6 +90,16 @@ class ExternalCacheContext(KVCacheContext):
     def past(self, layer_index, keys, values):
         self.new[layer_index] = (keys, values)
         return self.caches[layer_index]
+
+    def attention_biases(self, length, past_length):
+        """`attention_masks` as additive biases (0 or -1e30), made once per
+        call and shared by every layer: an add keeps each layer's attention
+        inside one XNNPACK partition, where a select per layer would split
+        the graph at every layer."""
+        if self._biases is None:
+            self._biases = tuple(tf.where(mask, 0.0, -1e30)
+                                 for mask in self.attention_masks(length, past_length))
+        return self._biases
 
     def attention_masks(self, length, past_length):
         """`(B, 1, 1, 1, S)` for the past, `(B, 1, 1, T, T)` for this call."""
@@ -102,6 +113,12 @@ class ExternalCacheContext(KVCacheContext):
         new = causal[tf.newaxis] & started[:, tf.newaxis, :]  # (B, T, T)
         return (past[:, tf.newaxis, tf.newaxis, tf.newaxis, :],
                 new[:, tf.newaxis, tf.newaxis, :, :])
+
+
+def calibration_ids(tokenizer, length=128):
+    """`(1, length)` token ids of `CALIBRATION_TEXT` for `convert`."""
+    ids = tokenizer.encode(CALIBRATION_TEXT)[:length]
+    return np.asarray([ids], np.int32)
 
 
 # ----- smoothing ---------------------------------------------------------------
