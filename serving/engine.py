@@ -99,6 +99,7 @@ class Request:
         self.tokens = []
         self.text = ""
         self.sent = 0  # characters of `text` already sent as deltas
+        self.finished = False  # "done" was sent
 
     def cancel(self):
         self.cancelled.set()
@@ -188,8 +189,10 @@ class _LiteRTSteps:
         logits = self.runner.prefill(padded[0, key_start:], targets, start=key_start)
         if s.temperature <= 0:
             return int(np.argmax(logits))
-        token = self._sample(logits[np.newaxis], [s.temperature], [s.top_k], [s.top_p],
-                             [s.seed], [0])
+        row = lambda value, dtype: np.array([value], dtype)  # noqa: E731
+        token = self._sample(logits[np.newaxis], row(s.temperature, np.float32),
+                             row(s.top_k, np.int32), row(s.top_p, np.float32),
+                             row(s.seed, np.int32), row(0, np.int32))
         return int(token.numpy()[0])
 
     def decode(self, tokens, position, key_start, step, temperature, top_k, top_p, seed):
@@ -351,9 +354,15 @@ class Engine:
                 for index, slot in enumerate(self._slots):
                     if slot is not None:
                         self._finish(index, "error")
+                # A request admitted but not yet in a slot must end too.
+                for _, request in admit:
+                    if not request.finished:
+                        request.finished = True
+                        request.events.put(("done", self._summary(request, "error")))
 
     def _prefill(self, index, request):
         if request.cancelled.is_set():
+            request.finished = True
             request.events.put(("done", self._summary(request, "cancelled")))
             return
         request.started = time.perf_counter()
@@ -446,6 +455,7 @@ class Engine:
             request.text += slot.decoder.flush()
         if len(request.text) > request.sent:
             self._release(request, [], len(request.text))
+        request.finished = True
         request.events.put(("done", self._summary(request, reason)))
 
     def _summary(self, request, reason):

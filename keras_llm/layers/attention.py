@@ -72,9 +72,10 @@ class CachedAttention(keras.layers.Layer):
             # owns the cache); attend over it and over this call's keys as two
             # blocks, so the buffers are never copied.
             past_keys, past_values = context.past(self.layer_index, key, value)
-            past_mask, new_mask = context.attention_masks(length, tf.shape(past_keys)[2])
-            past = self._scores(query, past_keys, past_mask)
-            scores = tf.concat([past, self._scores(query, key, new_mask)], axis=-1)
+            past_bias, new_bias = context.attention_biases(length, tf.shape(past_keys)[2])
+            scores = tf.concat(
+                [tf.einsum("bkgtd,bksd->bkgts", query, past_keys) + past_bias,
+                 tf.einsum("bkgtd,bksd->bkgts", query, key) + new_bias], axis=-1)
             probs = tf.nn.softmax(scores, axis=-1)
             split = tf.shape(past_keys)[2]
             mixed = (self._mix(probs[..., :split], past_values)
