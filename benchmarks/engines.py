@@ -229,6 +229,7 @@ class LiteRTEngine(Engine):
         lm = keras_llm.load(self.s.model, progress=False)
         litert.convert(lm.model, self.path(), quantization=self.quantization,
                        max_length=self.s.context,
+                       calibration_ids=litert.calibration_ids(lm.tokenizer),
                        batch_sizes=tuple(sorted({1, *self.s.batch_sizes})))
 
     def setup(self):
@@ -305,7 +306,11 @@ class ServerEngine(Engine):
         from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
 
         export_model(self.s.model, self.base(), "bench",
-                     max_new_tokens=max(self.s.new_tokens, 1), progress=False)
+                     max_new_tokens=max(self.s.new_tokens, 1), progress=False,
+                     **self.export_options())
+
+    def export_options(self):
+        return {}
 
     def setup(self):
         from benchmarks import bench_serving  # pylint: disable=import-outside-toplevel
@@ -362,12 +367,25 @@ def _high_water_mark(pid):
     raise OSError(f"no VmHWM for process {pid}")
 
 
+class ServerLiteRTInt8Engine(ServerEngine):
+    """The server on an export with `--litert int8`: decode steps by LiteRT."""
+
+    name = "keras-llm-server-litert-int8"
+    description = "keras-llm serve on a --litert int8 export (XNNPACK int8), concurrent streams"
+    precision = "int8"
+
+    def export_options(self):
+        sizes = sorted({1, *(n for n in self.s.streams if n <= 4), max(self.s.streams)})
+        return {"litert": "int8", "litert_batch_sizes": tuple(sizes),
+                "litert_max_length": self.s.context}
+
+
 def engines():
     """Every engine class by name, in the order the suite runs them."""
     from benchmarks import llama_cpp  # pylint: disable=import-outside-toplevel
 
     classes = [XlaEngine, LiteRTFloat32Engine, LiteRTInt8Engine, ServerEngine,
-               DocumentEngine, llama_cpp.LlamaCppF32Engine, llama_cpp.LlamaCppQ80Engine]
+               ServerLiteRTInt8Engine, DocumentEngine, llama_cpp.LlamaCppF32Engine, llama_cpp.LlamaCppQ80Engine]
     return {cls.name: cls for cls in classes}
 
 

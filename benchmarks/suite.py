@@ -172,6 +172,9 @@ def targets(results, settings):
     def median(engine, metric):
         return by_name.get(engine, {}).get("metrics", {}).get(metric, {}).get("median")
 
+    def is_server(r):
+        return r["engine"].startswith("keras-llm-server")
+
     def best(predicate, metric):
         values = [(median(name, metric), name) for name, r in by_name.items()
                   if r["ours"] and predicate(r) and median(name, metric)]
@@ -191,21 +194,22 @@ def targets(results, settings):
     ttft = f"time_to_first_token_s_p{len(settings.prefill_prompt)}"
     checks = [
         ratio("float32 decode at batch 1 vs llama.cpp F32", 1.0,
-              best(lambda r: r["precision"] == "float32" and r["engine"] != "keras-llm-server",
-                   b1), median("llama.cpp-f32", b1)),
+              best(lambda r: r["precision"] == "float32" and not is_server(r), b1),
+              median("llama.cpp-f32", b1)),
         ratio("reduced precision decode at batch 1 vs llama.cpp Q8_0", 1.0,
-              best(lambda r: r["precision"] != "float32", b1), median("llama.cpp-q8_0", b1)),
+              best(lambda r: r["precision"] != "float32" and not is_server(r), b1),
+              median("llama.cpp-q8_0", b1)),
         ratio("server, 16 concurrent streams vs llama.cpp F32 with 16 sequences", 1.0,
-              (median("keras-llm-server", streams16), "keras-llm-server"),
-              median("llama.cpp-f32", streams16)),
+              best(is_server, streams16), median("llama.cpp-f32", streams16)),
         ratio(f"end to end at {settings.long_tokens} new tokens vs the document's way", 30.0,
-              best(lambda r: r["engine"] != "keras-llm-server", long),
+              best(lambda r: not is_server(r), long),
               median("document-way", long)),
     ]
-    value = median("keras-llm-server", ttft)
+    value, engine = min(((median(n, ttft), n) for n, r in by_name.items()
+                         if is_server(r) and median(n, ttft)), default=(None, None))
     name = f"server time to first token, {len(settings.prefill_prompt)}-token prompt, 1 stream"
     checks.append({"target": name, "status": "not measured"} if value is None else
-                  {"target": name, "engine": "keras-llm-server", "seconds": value,
+                  {"target": name, "engine": engine, "seconds": value,
                    "needed": 0.25, "status": "met" if value < 0.25 else "missed"})
     return checks
 

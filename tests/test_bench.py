@@ -13,12 +13,8 @@ from keras_llm import gguf_import, saving
 from tests.gguf_writer import write_llama_gguf
 from tests.helpers import byte_level_tokenizer, tiny_language_model, tiny_model
 
-ENGINES = ("keras-llm-xla", "keras-llm-server", "document-way")
-try:  # the LiteRT path, where this checkout has it
-    from keras_llm import litert  # noqa: F401  pylint: disable=unused-import
-    ENGINES += ("keras-llm-litert-int8",)
-except ImportError:
-    pass
+ENGINES = ("keras-llm-xla", "keras-llm-server", "keras-llm-server-litert-int8", "document-way",
+           "keras-llm-litert-int8")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +49,8 @@ def test_every_engine_measured_every_figure(report):
     expected = {
         "keras-llm-xla": common | {"aggregate_tokens_per_s_2", "generate_tokens_per_s_16"},
         "keras-llm-server": common | {"aggregate_tokens_per_s_1", "aggregate_tokens_per_s_2"},
+        "keras-llm-server-litert-int8": common | {"aggregate_tokens_per_s_1",
+                                                  "aggregate_tokens_per_s_2"},
         "document-way": common | {"generate_tokens_per_s_16"},
         "keras-llm-litert-int8": common | {"aggregate_tokens_per_s_2",
                                            "generate_tokens_per_s_16"},
@@ -98,8 +96,11 @@ def test_targets_and_table(report):
     assert status["float32 decode at batch 1 vs llama.cpp F32"] in (
         "not measured", "met", "missed")
     ttft = [t for t in data["targets"] if t["target"].startswith("server time to first")]
-    server = next(r for r in data["results"] if r["engine"] == "keras-llm-server")
-    assert ttft[0]["seconds"] == server["metrics"]["time_to_first_token_s_p32"]["median"]
+    servers = {r["engine"]: r["metrics"]["time_to_first_token_s_p32"]["median"]
+               for r in data["results"] if r["engine"].startswith("keras-llm-server")}
+    assert set(servers) == {"keras-llm-server", "keras-llm-server-litert-int8"}
+    # The best (lowest) of the server engines, named.
+    assert (ttft[0]["seconds"], ttft[0]["engine"]) == min((v, k) for k, v in servers.items())
     for name in ENGINES:
         assert name in data["table"]
     llama = next(r for r in data["results"] if r["engine"] == "llama.cpp-f32")
