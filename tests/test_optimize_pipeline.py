@@ -249,3 +249,18 @@ def test_ctrl_c_leaves_no_output_and_no_report(model_dir, tmp_path):
     assert process.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest
     assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+def test_model_dir_with_null_metadata_fields(tmp_path):
+    """An imported preset's keras_llm.json carries "sparsity": null (and
+    other nulls); steps that read those fields must take them as absent."""
+    directory = tmp_path / "imported"
+    tokenizer = byte_level_tokenizer(["h e", "l l"])
+    model = tiny_model(seed=4, vocabulary_size=tokenizer.vocabulary_size)
+    saving.save_model_dir(directory, model, tokenizer,
+                          {"source": "test", "sparsity": None, "quantization": None})
+    report = run(str(directory), tmp_path / "half", tmp_path / "h.json", dtype="bfloat16",
+                 **{**FAST, "speed": False})
+    assert [row["variant"] for row in report["rows"]][0] == "original"
+    assert len(report["rows"]) == 2
+    assert os.path.isfile(tmp_path / "half" / "model.keras")

@@ -516,7 +516,7 @@ def _run(model_spec, output, report_path, options, staging):
         final = model is current
         row = measurer.keras_row(variant, model, model_file if final else None)
         row.update(extra)
-        if final and "min_layer" in metadata.get("sparsity", {}):
+        if final and "min_layer" in (metadata.get("sparsity") or {}):
             row["sparsity_on_disk"] = metadata["sparsity"]
         rows.append(row)
     if tflite is not None:

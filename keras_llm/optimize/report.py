@@ -134,7 +134,7 @@ def targets(rows, original_layers):
 
     for row in rows:
         name = row["variant"]
-        if row.get("pruning", {}).get("structure") == "unstructured" and \
+        if (row.get("pruning") or {}).get("structure") == "unstructured" and \
                 abs(row["pruning"]["target_sparsity"] - 0.5) < 1e-9 and \
                 row["pruning"].get("recovery_steps", 0) > 0 and "int8" not in name:
             found.append({"variant": name, **_target(
