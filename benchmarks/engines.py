@@ -230,7 +230,8 @@ class LiteRTEngine(Engine):
         litert.convert(lm.model, self.path(), quantization=self.quantization,
                        max_length=self.s.context,
                        calibration_ids=litert.calibration_ids(lm.tokenizer),
-                       batch_sizes=tuple(sorted({1, *self.s.batch_sizes})))
+                       batch_sizes=tuple(sorted({1, *self.s.batch_sizes})),
+                       lengths=litert.default_lengths(self.s.context))
 
     def setup(self):
         from keras_llm import litert  # pylint: disable=import-outside-toplevel
@@ -375,8 +376,9 @@ class ServerLiteRTInt8Engine(ServerEngine):
     precision = "int8"
 
     def export_options(self):
-        sizes = sorted({1, *(n for n in self.s.streams if n <= 4), max(self.s.streams)})
-        return {"litert": "int8", "litert_batch_sizes": tuple(sizes),
+        # A decode batch size for every stream count measured, and the
+        # default shorter caches (export's litert_lengths=None).
+        return {"litert": "int8", "litert_batch_sizes": tuple(sorted({1, *self.s.streams})),
                 "litert_max_length": self.s.context}
 
 

@@ -215,7 +215,8 @@ def next_version(model_dir):
 
 def export_model(model, model_base_path, model_name, version=None, max_new_tokens=128,
                  jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True,
-                 litert=None, litert_batch_sizes=(1, 4, 16), litert_max_length=512):
+                 litert=None, litert_batch_sizes=(1, 4, 16), litert_max_length=512,
+                 litert_lengths=None):
     """Write a SavedModel for TF Serving; see the module docstring.
 
     Args:
@@ -236,6 +237,9 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         litert_batch_sizes: decode batch sizes of that file (its largest is
             the server's slot count).
         litert_max_length: cache positions per sequence in that file.
+        litert_lengths: shorter caches to compile decode steps for too (the
+            server moves a batch to the next length as it grows); None:
+            `keras_llm.litert.default_lengths(litert_max_length)`.
 
     Returns:
         The version directory written.
@@ -296,7 +300,8 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         if warmup:
             write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
         if litert:
-            _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length, metadata)
+            _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
+                          litert_lengths, metadata)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -308,21 +313,24 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
     return target
 
 
-def _write_litert(lm, staging, precision, batch_sizes, max_length, metadata):
+def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, metadata):
     """Convert the model for the LiteRT serving path and record it in the
-    metadata asset. int8 smoothing calibrates on `litert.CALIBRATION_TEXT`."""
+    metadata asset. int8 smoothing calibrates on `litert.CALIBRATION_TEXT`
+    (its first 128 tokens, as the benchmark's in-process LiteRT engine)."""
     from keras_llm import litert  # pylint: disable=import-outside-toplevel
     if precision not in ("float32", "float16", "int8"):
         raise ExportError(f"litert must be float32, float16 or int8, got {precision!r}")
     max_length = min(int(max_length), lm.config.context_length)
-    calibration = litert.calibration_ids(lm.tokenizer, max_length)
+    lengths = litert.default_lengths(max_length) if lengths is None else tuple(lengths)
+    calibration = litert.calibration_ids(lm.tokenizer)
     path = os.path.join(staging, "assets.extra", "litert", "model.tflite")
     litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
                    max_length=max_length, batch_sizes=batch_sizes,
-                   calibration_ids=calibration)
+                   prefill_length=min(64, max_length), calibration_ids=calibration,
+                   lengths=lengths)
     metadata["litert"] = {"file": "assets.extra/litert/model.tflite", "precision": precision,
                           "batch_sizes": sorted(int(b) for b in batch_sizes),
-                          "max_length": max_length}
+                          "max_length": max_length, "lengths": sorted(int(n) for n in lengths)}
     with open(os.path.join(staging, "assets", METADATA_ASSET), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2, ensure_ascii=False)
 

@@ -39,6 +39,15 @@ def _int_list(text, flag):
     return values
 
 
+def _lengths(text):
+    """`--litert-lengths`: "auto" (None), "none" (no shorter caches) or a list."""
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return _int_list(text, "--litert-lengths")
+
+
 def _add_model(parser):
     parser.add_argument("--model", default="smollm2",
                         help="preset name (smollm2), model directory, .keras/.h5 or .gguf file")
@@ -91,6 +100,9 @@ def build_parser():
                      help="decode batch sizes of the LiteRT file (largest = server slots)")
     exp.add_argument("--litert-max-length", type=_positive_int, default=512,
                      help="cache positions per sequence in the LiteRT file")
+    exp.add_argument("--litert-lengths", default="auto",
+                     help="shorter decode caches in the LiteRT file, e.g. 128,256 "
+                          "(auto: 128, 256, ... below 3/4 of the max length; none: no others)")
 
     for name, text in (("client", "send one prompt to a keras-llm server"),
                        ("chat", "chat with a keras-llm server in the terminal")):
@@ -282,7 +294,8 @@ def cmd_export(args):
                         jit_compile=args.xla, chat=args.chat, safe_mode=not args.unsafe,
                         warmup=args.warmup, litert=args.litert,
                         litert_batch_sizes=_int_list(args.litert_batch_sizes, "--litert-batch-sizes"),
-                        litert_max_length=args.litert_max_length)
+                        litert_max_length=args.litert_max_length,
+                        litert_lengths=_lengths(args.litert_lengths))
     print(path)
 
 

@@ -14,6 +14,11 @@ bound.
   `index (B,)` and first real position `key_start (B,)`, and each layer's
   past keys/values `k_{i}`, `v_{i}` `(B, KV, S, D)` as inputs; outputs
   `logits (B, V)` and this step's keys/values `(B, KV, 1, D)`.
+- `decode_b{B}_s{L}`: the same over a shorter cache of `L` positions, for
+  each of `lengths`. Attention reads (and XNNPACK repacks) every cache slot
+  at every step, so early in a sequence a short cache is much cheaper: at
+  batch 16 over a 448-slot cache the repacking took more time than the
+  int8 weights.
 - `prefill`: the same for one row of `T` tokens, with logits for every
   position (for prompts and for teacher-forced scoring).
 
@@ -197,19 +202,21 @@ def smooth(model, calibration_ids=None, alpha=0.5):
 class _StepFunctions(tf.Module):
     """The tf.functions that become the .tflite signatures."""
 
-    def __init__(self, model, max_length, batch_sizes, prefill_length):
+    def __init__(self, model, max_length, batch_sizes, prefill_length, lengths=()):
         super().__init__(name="litert_steps")
         self.model = model
         c = config_from_model(model)
         self.num_layers = c.num_layers
         self.functions = {}
         for batch in batch_sizes:
-            self.functions[f"decode_b{batch}"] = self._function(
-                c, batch, 1, max_length, last_position_only=True)
-        self.functions["prefill"] = self._function(
-            c, 1, prefill_length, max_length, last_position_only=False)
+            for cache_length in (*lengths, max_length):
+                name = f"decode_b{batch}" + (f"_s{cache_length}" if cache_length < max_length
+                                             else "")
+                self.functions[name] = self._function(c, batch, 1, cache_length, name)
+        self.functions["prefill"] = self._function(c, 1, prefill_length, max_length, "prefill")
 
-    def _function(self, c, batch, length, max_length, last_position_only):
+    def _function(self, c, batch, length, max_length, name):
+        last_position_only = name != "prefill"
         cache = tf.TensorSpec([batch, c.num_key_value_heads, max_length, c.head_dim], tf.float32)
         specs = [tf.TensorSpec([batch, length], tf.int32, name="tokens"),
                  tf.TensorSpec([batch], tf.int32, name="index"),
@@ -231,12 +238,22 @@ class _StepFunctions(tf.Module):
             return outputs
 
         # The converter names each signature after its function.
-        step.__name__ = f"decode_b{batch}" if last_position_only else "prefill"
+        step.__name__ = name
         return tf.function(step, input_signature=specs, autograph=False)
 
 
+def default_lengths(max_length):
+    """Shorter decode caches worth compiling below `max_length`: 128, 256,
+    512, ..., each at most 3/4 of `max_length` (none for short files)."""
+    lengths, length = [], 128
+    while 4 * length <= 3 * max_length:
+        lengths.append(length)
+        length *= 2
+    return tuple(lengths)
+
+
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
-            batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None):
+            batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=()):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -249,6 +266,10 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         batch_sizes: the decode batch sizes to compile.
         prefill_length: tokens per prefill call (longer prompts take several).
         calibration_ids: `(B, T)` token ids for smoothing.
+        lengths: shorter cache lengths to compile decode steps for as well
+            (`decode_b{B}_s{L}`); `default_lengths(max_length)` is a good set
+            for serving. Each adds a signature per batch size (conversion
+            time and cache memory), none adds weights.
 
     Returns:
         `path`.
@@ -263,9 +284,12 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if not batch_sizes or batch_sizes[0] < 1:
         raise ValueError("batch_sizes must be positive integers")
+    lengths = sorted({int(n) for n in lengths})
+    if lengths and not 0 < lengths[0] <= lengths[-1] < max_length:
+        raise ValueError(f"lengths must be in [1, max_length={max_length}), got {lengths}")
     if quantization == "int8" and smooth_alpha:
         model = smooth(model, calibration_ids, smooth_alpha)
-    steps = _StepFunctions(model, max_length, batch_sizes, prefill_length)
+    steps = _StepFunctions(model, max_length, batch_sizes, prefill_length, lengths)
     functions = [f.get_concrete_function() for f in steps.functions.values()]
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, steps)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -308,6 +332,7 @@ class _Signature:
         self._outputs = definition["outputs"]
         self._wrapper.AllocateTensors(self.subgraph)
         self.batch_size = self.shape("tokens")[0]
+        self.length = self.shape("k_0")[2]  # cache positions
         self.views = {}
 
     def bind(self):
@@ -338,6 +363,7 @@ class LiteRTRunner:
 
     Attributes:
         batch_sizes: the decode batch sizes the file has.
+        lengths: the cache lengths of its decode steps (the last is `max_length`).
         max_length: cache positions per sequence.
         prefill_length: tokens per prefill call.
     """
@@ -358,8 +384,10 @@ class LiteRTRunner:
         self.prefill_length = prefill.shape("tokens")[1]
         _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
         self.num_layers = sum(name.startswith("k_") for name in definitions["prefill"]["inputs"])
-        self.batch_sizes = sorted(int(key[len("decode_b"):]) for key in definitions
-                                  if key.startswith("decode_b"))
+        self.decoders = {(sig.batch_size, sig.length): sig
+                         for key, sig in self.signatures.items() if key.startswith("decode_b")}
+        self.batch_sizes = sorted({batch for batch, _ in self.decoders})
+        self.lengths = sorted({length for _, length in self.decoders})
         self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
         for signature in self.signatures.values():
             signature.zero_inputs()
@@ -367,18 +395,32 @@ class LiteRTRunner:
             signature.bind()
             signature.zero_inputs()
 
-    def decoder(self, batch_size):
-        """The smallest decode signature with at least `batch_size` rows."""
-        for size in self.batch_sizes:
-            if size >= batch_size:
-                return self.signatures[f"decode_b{size}"]
-        raise ValueError(f"batch of {batch_size} exceeds the largest compiled decode batch "
-                         f"({self.batch_sizes[-1]}); convert with larger batch_sizes")
+    def decoder(self, batch_size, length=None):
+        """The decode signature with the fewest rows >= `batch_size` and, of
+        those, the shortest cache holding `length` positions (default: all)."""
+        size = next((b for b in self.batch_sizes if b >= batch_size), None)
+        if size is None:
+            raise ValueError(f"batch of {batch_size} exceeds the largest compiled decode batch "
+                             f"({self.batch_sizes[-1]}); convert with larger batch_sizes")
+        need = self.max_length if length is None else int(length)
+        if need > self.max_length:
+            raise ValueError(f"{need} cache positions exceed the file's {self.max_length}")
+        return min((sig for (batch, n), sig in self.decoders.items()
+                    if batch == size and n >= need), key=lambda sig: sig.length)
+
+    def copy_cache(self, source, target, rows, length):
+        """Copy rows `0..rows-1`, positions `0..length-1` of every layer's
+        keys/values from one signature's buffers into another's (when a
+        sequence moves to a longer cache or another batch size)."""
+        rows = min(rows, source.batch_size, target.batch_size)
+        length = min(length, source.length, target.length)
+        for name in self._cache_names:
+            target.views[name][:rows, :, :length] = source.views[name][:rows, :, :length]
 
     def prefill(self, token_ids, targets=(), all_logits=False, start=0):
         """Run one sequence's tokens at cache positions `start, start + 1, ...`
         (RoPE positions from 0); copy its keys/values into row `row` of each
-        `(signature, row)` in `targets`.
+        `(signature, row)` in `targets` (the positions its cache holds).
 
         Returns the logits of the last token `(V,)`, or of every token
         `(T, V)` with `all_logits`.
@@ -407,7 +449,9 @@ class LiteRTRunner:
                 if more:
                     views[name][0, :, at:at + count] = new
                 for target, row in targets:
-                    target.views[name][row, :, at:at + count] = new
+                    stop = min(at + count, target.length)
+                    if stop > at:
+                        target.views[name][row, :, at:stop] = new[:, :stop - at]
             logits = views["logits"][0]
             pieces.append(np.array(logits[:count]) if all_logits else np.array(logits[count - 1]))
         return np.concatenate(pieces) if all_logits else pieces[-1]
@@ -432,12 +476,16 @@ class LiteRTRunner:
         views["key_start"][:count] = key_start
         signature.run()
         rows = np.arange(count)
-        index = np.asarray(index)
+        index = np.broadcast_to(np.asarray(index), (count,))
+        if index.max() >= signature.length:
+            raise ValueError(f"position {index.max()} is past {signature.length} cache positions")
+        fitting = [(mirror, (rows < mirror.batch_size) & (index < mirror.length))
+                   for mirror in mirrors]
+        fitting = [(mirror, fits) for mirror, fits in fitting if fits.any()]
         for name in self._cache_names:
             new = views[f"new_{name}"][:count, :, 0]
             views[name][rows, :, index] = new
-            for mirror in mirrors:
-                fits = rows < mirror.batch_size
+            for mirror, fits in fitting:
                 mirror.views[name][rows[fits], :, index[fits]] = new[fits]
         return np.array(views["greedy"][:count])
 
@@ -452,18 +500,22 @@ class LiteRTRunner:
         if longest + max_new_tokens > self.max_length:
             raise ValueError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
                              f"the file's {self.max_length} cache positions")
-        signature = self.decoder(len(prompts))
+        index = np.array([len(p) for p in prompts], np.int32)
+        signature = self.decoder(len(prompts), longest + 1)
         start = time.perf_counter()
         tokens = np.array([int(np.argmax(self.prefill(p, [(signature, row)])))
                            for row, p in enumerate(prompts)], np.int32)
         first = time.perf_counter()
         out = [[int(t)] for t in tokens]
         done = np.isin(tokens, list(stop_ids))
-        index = np.array([len(p) for p in prompts], np.int32)
         steps = 0
         for _ in range(max_new_tokens - 1):
             if done.all():
                 break
+            if index.max() >= signature.length:  # on to a longer cache
+                longer = self.decoder(len(prompts), index.max() + 1)
+                self.copy_cache(signature, longer, len(prompts), signature.length)
+                signature = longer
             tokens = self.step(signature, tokens, index)
             index += 1
             steps += 1

@@ -159,7 +159,12 @@ class _LiteRTSteps:
     model.tflite`, see `keras_llm.litert`): XNNPACK kernels, int8 weights
     when the export asked for them, the KV cache in the interpreter's
     buffers. Greedy rows use the graph's argmax; sampled rows go through
-    `keras_llm.samplers.sample_next`, as on the XLA path."""
+    `keras_llm.samplers.sample_next`, as on the XLA path.
+
+    Each decode signature (batch size, cache length) has its own cache
+    buffers. One of them is active and holds every busy row; a step that
+    needs more rows or positions, or fits a smaller one, moves to that
+    signature and copies the cache over once (no per-step mirroring)."""
 
     name = "litert"
 
@@ -168,8 +173,7 @@ class _LiteRTSteps:
         from keras_llm.samplers import sample_next  # pylint: disable=import-outside-toplevel
         self.runner = LiteRTRunner(path, num_threads=num_threads)
         self._sample = tf.function(sample_next)
-        self._signatures = [self.runner.signatures[f"decode_b{b}"]
-                            for b in self.runner.batch_sizes]
+        self.active = None
 
     def limit(self, max_length):
         return min(max_length, self.runner.max_length)
@@ -180,13 +184,25 @@ class _LiteRTSteps:
     def allocate(self, num_slots, max_length):
         del num_slots, max_length  # the file's buffers are fixed
 
-    def _choose(self, rows):
-        chosen = self.runner.decoder(rows)
-        return chosen, [sig for sig in self._signatures if sig is not chosen]
+    def _activate(self, rows, length):
+        """Make the smallest signature with `rows` rows and `length`
+        positions active, carrying the busy rows' cache over."""
+        chosen = self.runner.decoder(rows, length)
+        if chosen is not self.active:
+            if self.active is not None:
+                self.runner.copy_cache(self.active, chosen, self.active.batch_size,
+                                       self.active.length)
+            self.active = chosen
+        return chosen
 
     def prefill(self, padded, key_start, slot, s):
-        targets = [(sig, slot) for sig in self._signatures if slot < sig.batch_size]
-        logits = self.runner.prefill(padded[0, key_start:], targets, start=key_start)
+        # Never shrink here: the active signature holds the other busy rows.
+        rows, length = slot + 1, padded.shape[1] + 1
+        if self.active is not None:
+            rows = max(rows, self.active.batch_size)
+            length = max(length, self.active.length)
+        target = self._activate(rows, min(length, self.runner.max_length))
+        logits = self.runner.prefill(padded[0, key_start:], [(target, slot)], start=key_start)
         if s.temperature <= 0:
             return int(np.argmax(logits))
         row = lambda value, dtype: np.array([value], dtype)  # noqa: E731
@@ -196,8 +212,9 @@ class _LiteRTSteps:
         return int(token.numpy()[0])
 
     def decode(self, tokens, position, key_start, step, temperature, top_k, top_p, seed):
-        signature, mirrors = self._choose(len(tokens))
-        greedy = self.runner.step(signature, tokens, position, key_start, mirrors)
+        # Rows past len(tokens) are idle and positions past max(position) unused.
+        signature = self._activate(len(tokens), int(np.max(position)) + 1)
+        greedy = self.runner.step(signature, tokens, position, key_start)
         if not (temperature > 0).any():
             return greedy
         logits = np.array(signature.views["logits"][:len(tokens)])

@@ -110,3 +110,17 @@ def test_model_file_with_tokenizer_beside_it(capsys, model_dir, tmp_path, suffix
     os.remove(tmp_path / saving.TOKENIZER_FILE)
     code, _, err = run(capsys, "generate", "--model", str(path), "--prompt", "hello")
     assert code == 2 and "no tokenizer" in err
+
+
+def test_export_litert_lengths_flag(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "export", "--model", model_dir, "--model_base_path", str(tmp_path),
+                       "--model_name", "tiny", "--no-warmup", "--litert", "float32",
+                       "--litert-batch-sizes", "1,2", "--litert-max-length", "32",
+                       "--litert-lengths", "16")
+    assert code == 0, err
+    with open(tmp_path / "tiny" / "1" / "assets" / "keras_llm.json", encoding="utf-8") as handle:
+        meta = json.load(handle)["litert"]
+    assert (meta["batch_sizes"], meta["max_length"], meta["lengths"]) == ([1, 2], 32, [16])
+    code, _, err = run(capsys, "export", "--model", model_dir, "--model_base_path", str(tmp_path),
+                       "--model_name", "bad", "--litert", "float32", "--litert-lengths", "x")
+    assert code == 2 and "--litert-lengths takes" in err

@@ -80,6 +80,41 @@ def test_generation_matches_the_xla_generator(model, runner):
     assert tokens == [list(g.token_ids) for g in expected]
 
 
+@pytest.fixture(scope="module")
+def bucket_runner(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("litert") / "buckets.tflite"
+    litert.convert(model, str(path), batch_sizes=(1, 4), max_length=MAX_LENGTH,
+                   prefill_length=16, lengths=(16, 32))
+    return litert.LiteRTRunner(str(path), num_threads=1)
+
+
+def test_shorter_caches_are_signatures_of_their_own(bucket_runner):
+    assert set(bucket_runner.signatures) == {
+        "prefill", "decode_b1_s16", "decode_b1_s32", "decode_b1", "decode_b4_s16",
+        "decode_b4_s32", "decode_b4"}
+    assert bucket_runner.lengths == [16, 32, MAX_LENGTH]
+    assert bucket_runner.decoder(3, 20) is bucket_runner.signatures["decode_b4_s32"]
+    assert bucket_runner.decoder(1, 16) is bucket_runner.signatures["decode_b1_s16"]
+    assert bucket_runner.decoder(1) is bucket_runner.signatures["decode_b1"]
+    with pytest.raises(ValueError, match="cache positions exceed"):
+        bucket_runner.decoder(1, MAX_LENGTH + 1)
+    assert litert.default_lengths(448) == (128, 256) and litert.default_lengths(128) == ()
+
+
+def test_generation_moves_through_shorter_caches_unchanged(model, bucket_runner):
+    # Positions 3..45 and 12..54: both rows cross the 16- and 32-slot caches.
+    prompts = [[5, 9, 14], [31, 8, 2, 7, 1, 60, 3, 44, 19, 2, 5, 90]]
+    expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=40))
+    tokens, _ = bucket_runner.generate_ids(prompts, 40)
+    assert tokens == [list(g.token_ids) for g in expected]
+
+
+def test_step_refuses_a_position_past_its_cache(bucket_runner):
+    short = bucket_runner.signatures["decode_b1_s16"]
+    with pytest.raises(ValueError, match="past 16 cache positions"):
+        bucket_runner.step(short, np.array([1], np.int32), np.array([16], np.int32))
+
+
 def test_limits_are_clear_errors(model, runner, tmp_path):
     with pytest.raises(ValueError, match="largest compiled decode batch"):
         runner.generate_ids([[1]] * 5, 2)
@@ -87,6 +122,9 @@ def test_limits_are_clear_errors(model, runner, tmp_path):
         runner.generate_ids([[1] * 60], 10)
     with pytest.raises(ValueError, match="quantization"):
         litert.convert(model, str(tmp_path / "x.tflite"), quantization="int4")
+    with pytest.raises(ValueError, match="lengths must be"):
+        litert.convert(model, str(tmp_path / "x.tflite"), max_length=32, prefill_length=16,
+                       lengths=(16, 32))
     with pytest.raises(FileNotFoundError):
         litert.LiteRTRunner(str(tmp_path / "missing.tflite"))
     assert not list(tmp_path.iterdir())
@@ -132,7 +170,8 @@ def litert_server(tmp_path_factory):
     lm = tiny_language_model(seed=6)
     base = tmp_path_factory.mktemp("models")
     path = export_model(lm, base, "tiny", max_new_tokens=16, progress=False, warmup=False,
-                        litert="float32", litert_batch_sizes=(1, 2, 4), litert_max_length=128)
+                        litert="float32", litert_batch_sizes=(1, 2, 4), litert_max_length=128,
+                        litert_lengths=(24, 48))
     config = EngineConfig(max_slots=8, max_queue=8, max_length=128, prompt_bucket=16)
     srv = Server({"tiny": str(base / "tiny")}, port=0, engine_config=config, poll_seconds=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
@@ -146,7 +185,7 @@ def test_export_records_the_litert_file(litert_server):
     with open(os.path.join(path, "assets", "keras_llm.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     assert meta["litert"] == {"file": "assets.extra/litert/model.tflite", "precision": "float32",
-                              "batch_sizes": [1, 2, 4], "max_length": 128}
+                              "batch_sizes": [1, 2, 4], "max_length": 128, "lengths": [24, 48]}
     assert os.path.isfile(os.path.join(path, meta["litert"]["file"]))
 
 
@@ -154,11 +193,14 @@ def test_server_uses_litert_and_matches_the_generator(litert_server):
     lm, channel, srv, _ = litert_server
     engine = srv.servables.lookup("tiny").engine
     assert engine.steps.name == "litert" and engine.num_slots == 4  # capped by the file
-    prompts = [f"request number {i}" for i in range(7)]  # more than the slots: queued
+    # More requests than slots (queued); prompts pad to 16 positions, so
+    # 20 new tokens move each batch from the 24- to the 48-slot cache.
+    prompts = [f"request number {i}" for i in range(7)]
     with concurrent.futures.ThreadPoolExecutor(7) as pool:
-        results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=10)[1], prompts))
+        results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=20)[1], prompts))
     for prompt, summary in zip(prompts, results):
-        assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=10).token_ids
+        assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=20).token_ids
+    assert engine.steps.active.length == 48
 
 
 def test_server_litert_sampling_matches_generator(litert_server):
