@@ -147,3 +147,25 @@ def test_gguf_rewrite_keeps_the_weights(tmp_path, tensor_type):
         else:
             np.testing.assert_allclose(a, b, atol=np.abs(a).max() / 127 + 1e-7)
     assert not os.path.exists(f"{target}.partial")
+
+
+def test_optimized_speed_compares_models_in_one_process(model_dir, tmp_path):
+    from benchmarks import optimized_speed  # pylint: disable=import-outside-toplevel
+    from keras_llm import litert  # pylint: disable=import-outside-toplevel
+
+    lm = saving.load_model_dir(model_dir)[0]
+    tflite = litert.convert(lm, str(tmp_path / "model.tflite"), batch_sizes=(1, 2),
+                            max_length=64, prefill_length=16)
+    output = tmp_path / "speed.json"
+    code = optimized_speed.main([model_dir, tflite, "--prompt-tokens", "4", "--new-tokens", "6",
+                                 "--batch-sizes", "1,2", "--repeats", "2",
+                                 "--output", str(output)])
+    assert code == 0
+    with open(output, encoding="utf-8") as handle:
+        rows = json.load(handle)["rows"]
+    assert [row["model"] for row in rows] == [model_dir, tflite]
+    assert rows[0]["b1_ratio"] == 1.0 and rows[0]["b2_ratio"] == 1.0
+    for row in rows:
+        for b in (1, 2):
+            _check_summary(row[f"b{b}"])
+            assert row[f"b{b}"]["n"] == 2
