@@ -462,31 +462,24 @@ class LiteRTRunner:
         ids = np.asarray(token_ids, np.int32)
         return np.stack([self.prefill(row, all_logits=True) for row in ids])
 
-    def step(self, signature, tokens, index, key_start=0, mirrors=()):
+    def step(self, signature, tokens, index, key_start=0):
         """One decode step for rows `0..len(tokens)-1` of `signature`, each
         row at its own position `index` (`key_start`: its first real
-        position). The new keys/values go into `signature`'s cache and into
-        the same rows of each signature in `mirrors` (so a scheduler can
-        switch batch sizes between steps). Returns the greedy next tokens;
-        the logits stay in `signature.views["logits"]`."""
+        position). The new keys/values go into `signature`'s cache (to move
+        rows to another signature, `copy_cache`). Returns the greedy next
+        tokens; the logits stay in `signature.views["logits"]`."""
         views = signature.views
         count = len(tokens)
-        views["tokens"][:count, 0] = tokens
-        views["index"][:count] = index
-        views["key_start"][:count] = key_start
-        signature.run()
         rows = np.arange(count)
         index = np.broadcast_to(np.asarray(index), (count,))
         if index.max() >= signature.length:
             raise ValueError(f"position {index.max()} is past {signature.length} cache positions")
-        fitting = [(mirror, (rows < mirror.batch_size) & (index < mirror.length))
-                   for mirror in mirrors]
-        fitting = [(mirror, fits) for mirror, fits in fitting if fits.any()]
+        views["tokens"][:count, 0] = tokens
+        views["index"][:count] = index
+        views["key_start"][:count] = key_start
+        signature.run()
         for name in self._cache_names:
-            new = views[f"new_{name}"][:count, :, 0]
-            views[name][rows, :, index] = new
-            for mirror, fits in fitting:
-                mirror.views[name][rows[fits], :, index[fits]] = new[fits]
+            views[name][rows, :, index] = views[f"new_{name}"][:count, :, 0]
         return np.array(views["greedy"][:count])
 
     def generate_ids(self, prompt_ids, max_new_tokens, stop_ids=()):
