@@ -22,6 +22,10 @@ bound.
 - `prefill`: the same for one row of `T` tokens, with logits for every
   position (for prompts and for teacher-forced scoring).
 
+The converted graph then gets the query/key/value and gate/up projections
+each stacked into one matmul (`keras_llm.litert_fusion`), which the model
+keeps apart so that TF-MOT sees one `Dense` per projection.
+
 The past is never copied in or out: `LiteRTRunner` keeps it in the
 interpreter's own input buffers and writes each step's new keys/values into
 them in place, the only per-step host work besides the tokens.
@@ -48,6 +52,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from keras_llm.layers import KVCacheContext
+from keras_llm.litert_fusion import fuse_projections
 from keras_llm.models import config_from_model, find_layer
 
 QUANTIZATIONS = (None, "float16", "int8")
@@ -253,7 +258,8 @@ def default_lengths(max_length):
 
 
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
-            batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=()):
+            batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=(),
+            fuse=True):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -270,6 +276,9 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             (`decode_b{B}_s{L}`); `default_lengths(max_length)` is a good set
             for serving. Each adds a signature per batch size (conversion
             time and cache memory), none adds weights.
+        fuse: stack the projections that read the same activations (query,
+            key and value; gate and up) into one matmul each
+            (`keras_llm.litert_fusion`); the results are the same.
 
     Returns:
         `path`.
@@ -299,6 +308,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     flatbuffer = converter.convert()
+    if fuse:
+        flatbuffer = fuse_projections(flatbuffer)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".tflite.partial", dir=directory)

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+from tensorflow.lite.python import schema_py_generated as schema
+from tensorflow.lite.tools import flatbuffer_utils
 
 from export.saved_model import export_model
 from keras_llm import litert
 from keras_llm.generation import Generator, SamplingParams
+from keras_llm.models import find_layer
 from serving.engine import Engine, EngineConfig
 from serving.server import Server
 from tests.helpers import tiny_language_model, tiny_model
@@ -139,6 +142,42 @@ def test_smoothing_keeps_the_float_function(model):
     assert changed == ["layer_0_attention_norm", "layer_0_mlp_up", "layer_1_query"]
     np.testing.assert_allclose(smoothed(tf.constant(ids)).numpy(),
                                model(tf.constant(ids)).numpy(), atol=1e-4)
+
+
+def _fully_connected_ops(path, signature):
+    model = flatbuffer_utils.read_model(path)
+    index = next(d.subgraphIndex for d in model.signatureDefs
+                 if d.signatureKey.decode() == signature)
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    return sum(codes[op.opcodeIndex] == schema.BuiltinOperator.FULLY_CONNECTED
+               for op in model.subgraphs[index].operators)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_projections_give_the_same_results(quantization, tmp_path):
+    model = tiny_model(seed=5, hidden_dim=64, num_query_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_dim=128)
+    ids = np.random.default_rng(6).integers(0, 200, size=(2, 21)).astype(np.int32)
+    paths = {fuse: litert.convert(model, str(tmp_path / f"{fuse}.tflite"), quantization=quantization,
+                                  batch_sizes=(1, 2), max_length=MAX_LENGTH, prefill_length=16,
+                                  calibration_ids=ids, fuse=fuse)
+             for fuse in (False, True)}
+    layers = 2
+    # query/key/value and gate/up each become one matmul: 7 per layer -> 4.
+    assert _fully_connected_ops(paths[False], "decode_b1") == 7 * layers + 1
+    assert _fully_connected_ops(paths[True], "decode_b1") == 4 * layers + 1
+    # The stacked weights replace the originals and are stored once for all
+    # signatures: a second copy would add all of them to the file.
+    stacked = sum(int(np.prod(find_layer(model, f"layer_{i}_{name}").kernel.shape))
+                  for i in range(layers) for name in ("query", "key", "value", "mlp_gate", "mlp_up"))
+    stacked *= 1 if quantization == "int8" else 4
+    growth = os.path.getsize(paths[True]) - os.path.getsize(paths[False])
+    assert growth < stacked / 2
+    runners = {fuse: litert.LiteRTRunner(path, num_threads=1) for fuse, path in paths.items()}
+    np.testing.assert_array_equal(runners[True](ids), runners[False](ids))
+    prompts = [list(ids[0, :9]), list(ids[1, :4])]
+    assert (runners[True].generate_ids(prompts, 24)[0]
+            == runners[False].generate_ids(prompts, 24)[0])
 
 
 def test_int8_file_stores_int8_weights_and_follows_the_model(tmp_path):
