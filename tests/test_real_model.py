@@ -124,3 +124,18 @@ def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
         assert together == [i["greedy24"] for i in reference["generation"]]
     finally:
         server.drain(0)
+
+
+def test_litert_float32_file_generates_the_reference_greedy_tokens(smollm2, reference, tmp_path):
+    # The converted step with its fused projections and decode-step attention
+    # must keep float32 greedy decoding identical to the reference.
+    from keras_llm import litert  # pylint: disable=import-outside-toplevel
+
+    prompts = [item["prompt_ids"] for item in reference["generation"]]
+    longest = max(len(p) for p in prompts) + 24
+    path = litert.convert(smollm2.model, str(tmp_path / "smollm2.tflite"), batch_sizes=(1,),
+                          max_length=-(-longest // 16) * 16, prefill_length=16)
+    runner = litert.LiteRTRunner(path, num_threads=2)
+    for item, prompt in zip(reference["generation"], prompts):
+        tokens, _ = runner.generate_ids([prompt], 24)
+        assert tokens[0] == item["greedy24"]

@@ -73,13 +73,17 @@ class CachedAttention(keras.layers.Layer):
             # blocks, so the buffers are never copied.
             past_keys, past_values = context.past(self.layer_index, key, value)
             past_bias, new_bias = context.attention_biases(length, tf.shape(past_keys)[2])
+            one = query.shape[3] == 1  # a decode step: this call's one key is a vector
+            new_scores = (tf.reduce_sum(query * key[:, :, tf.newaxis], -1, keepdims=True) if one
+                          else tf.einsum("bkgtd,bksd->bkgts", query, key))
             scores = tf.concat(
                 [tf.einsum("bkgtd,bksd->bkgts", query, past_keys) + past_bias,
-                 tf.einsum("bkgtd,bksd->bkgts", query, key) + new_bias], axis=-1)
+                 new_scores + new_bias], axis=-1)
             probs = tf.nn.softmax(scores, axis=-1)
             split = tf.shape(past_keys)[2]
-            mixed = (self._mix(probs[..., :split], past_values)
-                     + self._mix(probs[..., split:], value))
+            mixed = self._mix(probs[..., :split], past_values) + (
+                probs[..., split:] * value[:, :, tf.newaxis] if one
+                else self._mix(probs[..., split:], value))
         else:
             if context is None:
                 keys, values = key, value
