@@ -65,13 +65,16 @@ def _add_tensor(subgraph, name, shape, dtype, buffer=0, quantization=None):
     return len(subgraph.tensors) - 1
 
 
-def _constant(model, tensor):
-    """The tensor's constant value, or None (not constant, or a type we skip)."""
+def _is_constant(model, tensor):
+    """Whether the tensor holds constant data of a type we stack."""
     data = model.buffers[tensor.buffer].data
-    if data is None or not len(data) or tensor.type not in _NUMPY_TYPES:
-        return None
-    return np.frombuffer(np.asarray(data, np.uint8).tobytes(),
-                         _NUMPY_TYPES[tensor.type]).reshape([int(d) for d in tensor.shape])
+    return data is not None and len(data) > 0 and tensor.type in _NUMPY_TYPES
+
+
+def _constant(model, tensor):
+    """The constant value of a tensor that `_is_constant` accepts (a view)."""
+    data = np.asarray(model.buffers[tensor.buffer].data, np.uint8)
+    return data.view(_NUMPY_TYPES[tensor.type]).reshape([int(d) for d in tensor.shape])
 
 
 def _per_row(quantization, rows):
@@ -91,7 +94,7 @@ def _group_key(model, subgraph, op):
     if len(op.inputs) > 2 and op.inputs[2] >= 0:
         return None  # a bias
     weights = subgraph.tensors[op.inputs[1]]
-    if len(weights.shape) != 2 or _constant(model, weights) is None:
+    if len(weights.shape) != 2 or not _is_constant(model, weights):
         return None
     if _per_row(weights.quantization, int(weights.shape[0])) is False:
         return None
