@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.common import write_report, machine, prompt_ids, summarize
-from serving.client import Client
+from keras_llm.serving.client import Client
 
 
 def free_port():

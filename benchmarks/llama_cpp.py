@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from benchmarks.engines import Engine, Run, Unavailable
+from benchmarks.base import Engine, Run, Unavailable
 
 
 def write_gguf(source, path, tensor_type):

@@ -2,6 +2,6 @@
 
 import keras_llm  # noqa: F401  pylint: disable=unused-import  (selects tf_keras first)
 
-from export.saved_model import ExportError, GenerationModule, export_model
+from keras_llm.export.saved_model import ExportError, GenerationModule, export_model
 
 __all__ = ["ExportError", "GenerationModule", "export_model"]

@@ -15,8 +15,10 @@
 
 Besides the signatures, the SavedModel carries `engine`, a `SlotDecoder`
 (`allocate`, `prefill`, `decode` tf.functions over a KV cache kept in
-variables between calls) for keras-llm's serving engine, which loads the
-export with `tf.saved_model.load` and schedules requests into slots.
+variables between calls): the XLA backend of keras-llm's serving engine. By
+default the export also holds the model converted to LiteRT
+(`assets.extra/litert/model.tflite`, float32, or int8 for an int8-quantized
+model), which `keras-llm serve` decodes with; `litert=None` leaves it out.
 
 Tokenization, the whole decode loop and detokenization are TensorFlow and
 tensorflow-text ops traced from keras-llm's own model and `Generator`, so
@@ -42,7 +44,8 @@ import tensorflow as tf
 import keras_llm
 from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
-from keras_llm.slots import SlotDecoder
+from keras_llm.runtime import artifacts
+from keras_llm.runtime.xla import SlotDecoder
 
 SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
 METADATA_ASSET = "keras_llm.json"
@@ -76,7 +79,7 @@ class GenerationModule(tf.Module):
         self._max_new = int(max_new_tokens)
         if not 0 < self._max_new < self._context:
             raise ExportError(f"max_new_tokens must be in [1, {self._context}), got {max_new_tokens}")
-        self._pad = lm.generator.pad_id
+        self._pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
         self._stop_ids = list(lm.tokenizer.stop_ids) or [-1]
         self._prompt_bucket = int(prompt_bucket)
         self._cache_bucket = int(cache_bucket)
@@ -85,7 +88,7 @@ class GenerationModule(tf.Module):
                                     cache_bucket=cache_bucket, jit_compile=jit_compile)
         self._core = tf.function(self._generate_core, jit_compile=jit_compile)
         # For keras-llm's own serving engine (not a signature: it is stateful).
-        self.engine = SlotDecoder(lm.model, stop_ids=self._stop_ids, jit_compile=jit_compile)
+        self.engine = SlotDecoder(lm.model, jit_compile=jit_compile)
         string_batch = tf.TensorSpec([None], tf.string, name="prompt")
         sampling = dict(
             max_new_tokens=tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
@@ -215,7 +218,7 @@ def next_version(model_dir):
 
 def export_model(model, model_base_path, model_name, version=None, max_new_tokens=128,
                  jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True,
-                 litert=None, litert_batch_sizes=(1, 4, 16), litert_max_length=512,
+                 litert="auto", litert_batch_sizes=None, litert_max_length=None,
                  litert_lengths=None):
     """Write a SavedModel for TF Serving; see the module docstring.
 
@@ -233,13 +236,17 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         warmup: write `assets.extra/tf_serving_warmup_requests`.
         litert: also write `assets.extra/litert/model.tflite`, the same model
             converted for keras-llm's server (see `keras_llm.litert`):
-            "float32", "float16" or "int8". TF Serving ignores it.
+            "auto" (int8 for an int8-quantized model, else float32),
+            "float32", "float16", "int8", or None for none. TF Serving
+            ignores it.
         litert_batch_sizes: decode batch sizes of that file (its largest is
             the server's slot count).
         litert_max_length: cache positions per sequence in that file.
         litert_lengths: shorter caches to compile decode steps for too (the
-            server moves a batch to the next length as it grows); None:
-            `keras_llm.litert.default_lengths(litert_max_length)`.
+            server moves a batch to the next length as it grows).
+            The three default to `keras_llm.runtime.artifacts.DEFAULT_LITERT`,
+            the layout the model's own LiteRT file has, which the export
+            then copies instead of converting again.
 
     Returns:
         The version directory written.
@@ -262,6 +269,9 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         raise ExportError(f"version {version} already exists at {target}; exports never overwrite")
     lm = model if isinstance(model, keras_llm.LanguageModel) else keras_llm.load(
         model, safe_mode=safe_mode, progress=progress)
+    litert_optional = litert == "auto"
+    if litert_optional:
+        litert = artifacts.precision_of(lm.metadata)  # None for 16-bit models: XLA serves them
 
     start = time.perf_counter()
     staging = os.path.join(model_dir, f".staging-{uuid.uuid4().hex}")
@@ -300,8 +310,14 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         if warmup:
             write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
         if litert:
-            _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
-                          litert_lengths, metadata)
+            try:
+                _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
+                              litert_lengths, metadata)
+            except Exception as error:  # pylint: disable=broad-except
+                if not litert_optional:
+                    raise
+                print(f"keras-llm: no LiteRT file in the export (conversion failed: {error}); "
+                      "the server will decode with XLA", file=sys.stderr, flush=True)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -320,15 +336,24 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
     from keras_llm import litert  # pylint: disable=import-outside-toplevel
     if precision not in ("float32", "float16", "int8"):
         raise ExportError(f"litert must be float32, float16 or int8, got {precision!r}")
-    max_length = min(int(max_length), lm.config.context_length)
-    lengths = litert.default_lengths(max_length) if lengths is None else tuple(lengths)
-    calibration = litert.calibration_ids(lm.tokenizer)
-    path = os.path.join(staging, "assets.extra", "litert", "model.tflite")
-    litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
-                   max_length=max_length, batch_sizes=batch_sizes,
-                   prefill_length=min(64, max_length), calibration_ids=calibration,
-                   lengths=lengths)
-    metadata["litert"] = {"file": "assets.extra/litert/model.tflite", "precision": precision,
+    defaults = artifacts.DEFAULT_LITERT
+    batch_sizes = defaults["batch_sizes"] if batch_sizes is None else batch_sizes
+    max_length = min(int(defaults["max_length"] if max_length is None else max_length),
+                     lm.config.context_length)
+    lengths = [n for n in (defaults["lengths"] if lengths is None else lengths) if n < max_length]
+    path = os.path.join(staging, artifacts.EXPORT_LITERT)
+    options = {"max_length": max_length, "batch_sizes": sorted(int(b) for b in batch_sizes),
+               "lengths": sorted(int(n) for n in lengths), "prefill_length": min(64, max_length)}
+    cached = artifacts.cached_litert(lm.source, precision, options) if lm.source else None
+    if cached:  # the model's own LiteRT file was built with these options: reuse it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(cached, path)
+    else:
+        litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
+                       max_length=max_length, batch_sizes=batch_sizes,
+                       prefill_length=options["prefill_length"],
+                       calibration_ids=litert.calibration_ids(lm.tokenizer), lengths=lengths)
+    metadata["litert"] = {"file": artifacts.EXPORT_LITERT, "precision": precision,
                           "batch_sizes": sorted(int(b) for b in batch_sizes),
                           "max_length": max_length, "lengths": sorted(int(n) for n in lengths)}
     with open(os.path.join(staging, "assets", METADATA_ASSET), "w", encoding="utf-8") as handle:

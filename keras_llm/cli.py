@@ -9,10 +9,13 @@
     keras-llm bench [--model smollm2] [--engines ...] [--repeats N] [--output DIR] [--quick]
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
-prints a traceback unless KERAS_LLM_DEBUG=1.
+prints a traceback unless KERAS_LLM_DEBUG=1. `generate` and `tokenize` keep
+TensorFlow's and LiteRT's native log lines out of the output unless
+`--verbose` is given.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,10 +42,14 @@ def _int_list(text, flag):
     return values
 
 
-def _lengths(text):
-    """`--litert-lengths`: "auto" (None), "none" (no shorter caches) or a list."""
-    if text.strip().lower() == "auto":
+def _lengths(text, max_length):
+    """`--litert-lengths`: unset (None: the default), "auto" (128, 256, ...
+    below 3/4 of the max length), "none" (no shorter caches) or a list."""
+    if text is None:
         return None
+    if text.strip().lower() == "auto":
+        from keras_llm.litert import default_lengths  # pylint: disable=import-outside-toplevel
+        return default_lengths(max_length or 1024)
     if text.strip().lower() == "none":
         return ()
     return _int_list(text, "--litert-lengths")
@@ -71,6 +78,11 @@ def build_parser():
     gen.add_argument("--top-k", type=_positive_int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[],
+                     help="a string that ends the answer (repeatable)")
+    gen.add_argument("--backend", choices=("auto", "litert", "xla"), default="auto",
+                     help="auto: the model's LiteRT file (built once, kept beside the model), "
+                          "else XLA")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     tok = commands.add_parser("tokenize", help="print the token ids of a text")
@@ -94,15 +106,19 @@ def build_parser():
     exp.add_argument("--chat", action="store_true",
                      help="apply the chat template to string prompts inside the graph")
     exp.add_argument("--no-warmup", dest="warmup", action="store_false")
-    exp.add_argument("--litert", choices=("float32", "float16", "int8"), default=None,
-                     help="also write a LiteRT file for keras-llm's server (int8: the fast CPU path)")
-    exp.add_argument("--litert-batch-sizes", default="1,4,16",
-                     help="decode batch sizes of the LiteRT file (largest = server slots)")
-    exp.add_argument("--litert-max-length", type=_positive_int, default=512,
-                     help="cache positions per sequence in the LiteRT file")
-    exp.add_argument("--litert-lengths", default="auto",
-                     help="shorter decode caches in the LiteRT file, e.g. 128,256 "
-                          "(auto: 128, 256, ... below 3/4 of the max length; none: no others)")
+    exp.add_argument("--litert", choices=("auto", "float32", "float16", "int8"), default="auto",
+                     help="precision of the LiteRT file keras-llm serve decodes with (auto: "
+                          "int8 for an int8-quantized model, else float32)")
+    exp.add_argument("--no-litert", dest="litert", action="store_const", const=None,
+                     help="leave the LiteRT file out (the server then decodes with XLA)")
+    exp.add_argument("--litert-batch-sizes", default=None,
+                     help="decode batch sizes of the LiteRT file (largest = server slots; "
+                          "default 1,4,16)")
+    exp.add_argument("--litert-max-length", type=_positive_int, default=None,
+                     help="cache positions per sequence in the LiteRT file (default 1024)")
+    exp.add_argument("--litert-lengths", default=None,
+                     help="shorter decode caches in the LiteRT file, e.g. 128,256 (default 256; "
+                          "auto: 128, 256, ... below 3/4 of the max length; none: no others)")
 
     for name, text in (("client", "send one prompt to a keras-llm server"),
                        ("chat", "chat with a keras-llm server in the terminal")):
@@ -124,14 +140,8 @@ def build_parser():
         else:
             sub.add_argument("--system", default="")
 
-    bench = commands.add_parser("bench", help="benchmark keras-llm against its competitors "
-                                "(the suite in benchmarks/)")
-    try:
-        from benchmarks.suite import add_arguments  # pylint: disable=import-outside-toplevel
-    except ImportError:  # installed without the benchmarks package
-        pass
-    else:
-        add_arguments(bench)
+    commands.add_parser("bench", help="benchmark keras-llm against its competitors (the suite "
+                        "in the repository's benchmarks/; keras-llm bench --help)")
 
     imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
     imp.add_argument("--model", required=True, help="the .gguf file")
@@ -160,20 +170,21 @@ def build_parser():
     return parser
 
 
-def _load(args):
+def _load(args, **options):
     from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
 
-    return load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer,
-                stream_chunk=8)
+    return load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer, **options)
 
 
 def cmd_generate(args):
+    from keras_llm.language_model import LanguageModel  # pylint: disable=import-outside-toplevel
+
     if not args.prompt:
         raise UsageError("empty prompt")
-    lm = _load(args)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    lm.sampling_params(**sampling)  # validate before any work
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    LanguageModel.sampling_params(**sampling)  # validate before any work
+    lm = _load(args, backend=args.backend, max_slots=1)
     prompt_ids = lm.encode(args.prompt, chat=args.chat, system=args.system)
     completion = None
     for item in lm.stream(prompt_ids, **sampling):
@@ -200,13 +211,7 @@ def cmd_generate(args):
 
 
 def cmd_tokenize(args):
-    from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
-
-    if args.model.endswith((".keras", ".h5", ".hdf5")) or args.model.endswith(".gguf"):
-        lm = load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer)
-        tokenizer = lm.tokenizer
-    else:
-        tokenizer = _tokenizer_only(args.model, args)
+    tokenizer = _tokenizer_only(args.model, args)
     text = tokenizer.apply_chat_template(args.text) if args.chat else args.text
     ids = tokenizer.encode(text)
     if args.json:
@@ -216,15 +221,16 @@ def cmd_tokenize(args):
 
 
 def _tokenizer_only(spec, args):
-    """Load just the tokenizer of a preset or model directory (fast path)."""
-    from keras_llm import presets, saving  # pylint: disable=import-outside-toplevel
+    """Load just the tokenizer of a preset or model directory (no TensorFlow)."""
+    from keras_llm import presets  # pylint: disable=import-outside-toplevel
     from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
-    from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime import artifacts  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime.tokenizer import HostTokenizer  # pylint: disable=import-outside-toplevel
 
     directory = presets.preset_dir(spec) if spec in presets.PRESETS else spec
-    if saving.is_model_dir(directory):
-        return BytePairTokenizer.load_assets(directory)
-    return load(spec, safe_mode=not args.unsafe, tokenizer=args.tokenizer).tokenizer
+    if artifacts.is_model_dir(directory):
+        return HostTokenizer.load(directory)
+    return load(spec, safe_mode=not args.unsafe, tokenizer=args.tokenizer).host_tokenizer
 
 
 def cmd_import(args):
@@ -241,7 +247,7 @@ def _sampling(args):
 
 
 def cmd_client(args):
-    from serving.client import Client  # pylint: disable=import-outside-toplevel
+    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
 
     if not args.prompt:
         raise UsageError("empty prompt")
@@ -267,7 +273,7 @@ def cmd_client(args):
 
 
 def cmd_chat(args):
-    from serving.client import Client  # pylint: disable=import-outside-toplevel
+    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
 
     with Client(args.target, timeout=args.timeout) as client:
         while True:
@@ -287,15 +293,17 @@ def cmd_chat(args):
 
 
 def cmd_export(args):
-    from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
+    from keras_llm.export.saved_model import export_model  # pylint: disable=import-outside-toplevel
 
     path = export_model(args.model, args.model_base_path, args.model_name,
                         version=args.version, max_new_tokens=args.max_new_tokens,
                         jit_compile=args.xla, chat=args.chat, safe_mode=not args.unsafe,
                         warmup=args.warmup, litert=args.litert,
-                        litert_batch_sizes=_int_list(args.litert_batch_sizes, "--litert-batch-sizes"),
+                        litert_batch_sizes=(None if args.litert_batch_sizes is None else
+                                            _int_list(args.litert_batch_sizes,
+                                                      "--litert-batch-sizes")),
                         litert_max_length=args.litert_max_length,
-                        litert_lengths=_lengths(args.litert_lengths))
+                        litert_lengths=_lengths(args.litert_lengths, args.litert_max_length))
     print(path)
 
 
@@ -313,27 +321,75 @@ def cmd_optimize(args):
     print(args.output)
 
 
-def cmd_bench(args):
+def bench(argv):
+    """`keras-llm bench ...`: the suite in a checkout's `benchmarks/` (it is
+    not part of the wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "benchmarks", "suite.py")) and root not in sys.path:
+        sys.path.insert(0, root)
     try:
-        from benchmarks.suite import run_suite  # pylint: disable=import-outside-toplevel
+        from benchmarks.suite import main as suite  # pylint: disable=import-outside-toplevel
     except ImportError as error:
-        raise UsageError(f"the benchmark suite is not installed: {error}") from None
-    report = run_suite(args)
-    print(report["table"])
+        print(f"keras-llm: error: the benchmark suite lives in the repository's benchmarks/ "
+              f"(run from a checkout installed with pip install -e .): {error}", file=sys.stderr)
+        return 2
+    return suite(argv)
 
 
 COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "export": cmd_export,
             "optimize": cmd_optimize,
-            "import": cmd_import, "client": cmd_client, "chat": cmd_chat,
-            "bench": cmd_bench}
+            "import": cmd_import, "client": cmd_client, "chat": cmd_chat}
+
+
+@contextlib.contextmanager
+def _quiet_native_logs(enabled):
+    """Send what native libraries write to file descriptor 2 (TensorFlow's
+    and LiteRT's C++ log lines) to /dev/null; Python's `sys.stderr` (errors,
+    progress) keeps the real stream."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # captured (pytest, notebooks)
+        python_on_fd2 = False
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    previous = sys.stderr
+    if python_on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8",
+                               errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if python_on_fd2:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
+    if verbose:
+        argv = [a for a in argv if a != "--verbose"]
+    quiet = not verbose and os.environ.get("KERAS_LLM_DEBUG") != "1"
+    with _quiet_native_logs(quiet and argv[:1] in (["generate"], ["tokenize"])):
+        return _main(argv)
+
+
+def _main(argv):
     if argv[:1] == ["serve"]:  # TF Serving's flag names: parsed by the server itself
-        from serving.server import main as serve  # pylint: disable=import-outside-toplevel
+        from keras_llm.serving.server import main as serve  # pylint: disable=import-outside-toplevel
 
         return serve(argv[1:])
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -19,38 +19,8 @@ from tensorflow.compiler.tf2xla.python import xla
 
 from keras_llm.layers import KVCacheContext
 from keras_llm.models import config_from_model, find_layer
+from keras_llm.runtime.params import SamplingParams  # noqa: F401  (the one type, re-exported)
 from keras_llm.samplers import sample_next
-
-
-@dataclasses.dataclass
-class SamplingParams:
-    """How to choose tokens for one request.
-
-    Args:
-        max_new_tokens: most tokens to generate (stop tokens not counted).
-        temperature: 0 for greedy; otherwise the softmax temperature.
-        top_k: keep the k most likely tokens (0: all).
-        top_p: keep the smallest set of tokens with this much mass (1: all).
-        seed: makes sampling reproducible.
-        stop_ids: generation of a row ends at the first of these ids.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_ids: tuple = ()
-
-    def validate(self):
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {self.max_new_tokens!r}")
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 @dataclasses.dataclass

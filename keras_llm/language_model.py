@@ -1,11 +1,26 @@
-"""The user-facing object: a model, its tokenizer and a generator."""
+"""The user-facing object: a model, its tokenizer and the engine that runs it.
+
+`load("smollm2")` returns a `LanguageModel` whose `generate` and `stream`
+run on the engine (`keras_llm.runtime`), by default over the model's LiteRT
+file (XNNPACK): the first use converts the model once and keeps the file
+beside it, later uses start in about a second without importing TensorFlow.
+The Keras model itself (`lm.model`) is loaded only when something asks for
+it (export, optimize, the XLA backend, a first conversion).
+"""
 
 import dataclasses
+import logging
 import os
 import time
 
-from keras_llm import presets, saving
-from keras_llm.generation import Generator, SamplingParams
+from keras_llm import presets
+from keras_llm.runtime import artifacts
+from keras_llm.runtime.engine import Engine, EngineConfig, decode_rate
+from keras_llm.runtime.params import SamplingParams
+from keras_llm.runtime.tokenizer import HostTokenizer
+
+LOG = logging.getLogger("keras_llm")
+BACKENDS = ("auto", "litert", "xla")
 
 
 @dataclasses.dataclass
@@ -13,15 +28,16 @@ class Completion:
     """One generated answer.
 
     Attributes:
-        text: the generated text (stop token excluded).
+        text: the generated text (stop token and stop string excluded).
         token_ids: generated ids.
         prompt_token_ids: ids of the (templated) prompt.
         finish_reason: "stop" or "length".
         time_to_first_token_s: from the call to the first token.
         decode_tokens_per_s: tokens after the first, per second of decoding,
             for the whole batch.
-        compile_s: XLA compilation before the first token (0 once the
-            shapes have been compiled); not part of the other timings.
+        compile_s: time spent preparing the backend in this call (loading
+            or converting the model, XLA compilation); 0 once it is ready.
+            Not part of the other timings.
     """
 
     text: str
@@ -34,13 +50,22 @@ class Completion:
 
 
 class LanguageModel:
-    """A keras-llm model ready to generate text.
+    """A model ready to generate text.
 
     Args:
-        model: the Functional keras model.
-        tokenizer: its `BytePairTokenizer`.
+        model: the Functional keras model, or None to load it from `source`
+            when needed.
+        tokenizer: its `BytePairTokenizer` (or None with a `source` that is a
+            model directory).
         metadata: dict describing where the model came from.
-        **generator_options: passed to `Generator`.
+        source: the model directory or file it was loaded from; its LiteRT
+            artifacts are kept there (see `keras_llm.runtime.artifacts`).
+        backend: "auto" (LiteRT when the model has or can get a LiteRT file,
+            else XLA), "litert" or "xla".
+        max_slots: most sequences generated together.
+        num_threads: LiteRT threads (default: every core).
+        progress: show progress on long steps (a first conversion).
+        safe_mode: refuse model files that carry Python code.
 
     Example:
         >>> lm = keras_llm.load("smollm2")
@@ -48,17 +73,86 @@ class LanguageModel:
         ' Paris.\\n\\nThe answer is'
     """
 
-    def __init__(self, model, tokenizer, metadata=None, **generator_options):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, model=None, tokenizer=None, metadata=None, source=None, backend="auto",
+                 max_slots=16, num_threads=None, progress=True, safe_mode=True):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if model is None and source is None:
+            raise ValueError("give a model or a source to load it from")
+        self._model = model
+        self._tokenizer = tokenizer
+        self.source = None if source is None else os.path.abspath(os.fspath(source))
         self.metadata = dict(metadata or {})
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        self.generator = Generator(model, pad_id=pad, **generator_options)
-        self.config = self.generator.config
-        if tokenizer.vocabulary_size > self.config.vocabulary_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.vocabulary_size} tokens but the model "
-                f"only {self.config.vocabulary_size}")
+        self.backend_name = backend
+        self.max_slots = int(max_slots)
+        self.num_threads = num_threads
+        self.progress = progress
+        self.safe_mode = safe_mode
+        if tokenizer is not None:
+            self.host_tokenizer = HostTokenizer(tokenizer.get_config())
+        else:
+            self.host_tokenizer = HostTokenizer.load(self.source)
+        self._engine = None
+        if model is not None:
+            vocabulary = self.config.vocabulary_size
+            if self.host_tokenizer.vocabulary_size > vocabulary:
+                raise ValueError(f"tokenizer has {self.host_tokenizer.vocabulary_size} tokens "
+                                 f"but the model only {vocabulary}")
+
+    # ----- lazily loaded parts ---------------------------------------------
+
+    @property
+    def model(self):
+        """The Functional tf_keras model (loads TensorFlow on first use)."""
+        if self._model is None:
+            from keras_llm import saving  # pylint: disable=import-outside-toplevel
+            self._model = saving.load_model(os.path.join(self.source, saving.MODEL_FILE),
+                                            safe_mode=self.safe_mode)
+        return self._model
+
+    @property
+    def tokenizer(self):
+        """The in-graph `BytePairTokenizer` (TensorFlow), for export."""
+        if self._tokenizer is None:
+            from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
+            self._tokenizer = BytePairTokenizer.load_assets(self.source)
+        return self._tokenizer
+
+    @property
+    def config(self):
+        from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+        return config_from_model(self.model)
+
+    @property
+    def engine(self):
+        """The `Engine` this model generates with (built on first use)."""
+        if self._engine is None:
+            self._engine = Engine(self._backend(), self.host_tokenizer,
+                                  EngineConfig(max_slots=self.max_slots, max_length=1024))
+        return self._engine
+
+    def _backend(self):
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        precision = artifacts.precision_of(self.metadata)
+        if self.backend_name != "xla" and self.source is not None and precision:
+            path = (artifacts.optimized_litert(self.source, self.metadata)
+                    or artifacts.cached_litert(self.source, precision))
+            if path is None:
+                try:
+                    path = artifacts.build_litert(self.source, self.model, self.tokenizer,
+                                                  precision, progress=self.progress)
+                except Exception as error:  # pylint: disable=broad-except
+                    if self.backend_name == "litert":
+                        raise
+                    LOG.warning("LiteRT conversion failed (%s); generating with XLA", error)
+                    path = None
+            if path is not None:
+                return LiteRTBackend(path, num_threads=self.num_threads, dtype=precision)
+        elif self.backend_name == "litert":
+            raise ValueError("the LiteRT backend needs a float32 or int8 model with a directory "
+                             "or file to keep its LiteRT file in (pass source=...)")
+        from keras_llm.runtime.xla import XLABackend  # pylint: disable=import-outside-toplevel
+        return XLABackend.from_model(self.model, max_slots=self.max_slots)
 
     # ----- prompts ---------------------------------------------------------
 
@@ -69,22 +163,30 @@ class LanguageModel:
         if not prompt:
             raise ValueError("empty prompt")
         if chat:
-            prompt = self.tokenizer.apply_chat_template(prompt, system=system)
-        return self.tokenizer.encode(prompt)  # adds BOS when the tokenizer says so
+            prompt = self.host_tokenizer.apply_chat_template(prompt, system=system)
+        return self.host_tokenizer.encode(prompt)  # adds BOS when the tokenizer says so
 
-    def sampling_params(self, max_new_tokens=128, temperature=0.0, top_k=0,
-                        top_p=1.0, seed=0, stop_ids=None):
-        stops = tuple(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        params = SamplingParams(int(max_new_tokens), float(temperature), int(top_k),
-                                float(top_p), int(seed), stops)
-        params.validate()
-        return params
+    @staticmethod
+    def sampling_params(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                        stop_ids=None, stop=(), ignore_eos=False):
+        """A validated `SamplingParams`. `stop_ids=None` stops at the model's
+        stop ids; a list replaces them (`()`: never stop early)."""
+        if stop_ids is not None:
+            ignore_eos = True
+        return SamplingParams(max_new_tokens, temperature, top_k, top_p, seed,
+                              tuple(stop_ids or ()), stop, ignore_eos).validate()
 
     # ----- generation ------------------------------------------------------
 
+    def _ready(self):
+        start = time.perf_counter()
+        engine = self.engine
+        return engine, (time.perf_counter() - start)
+
     def generate(self, prompts, chat=False, system=None, **sampling):
         """Generate for one prompt (returns a `Completion`) or a list of them
-        (returns a list). Sampling keywords as in `SamplingParams`."""
+        (returns a list), batched together. Sampling keywords as in
+        `sampling_params`."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(p, chat=chat, system=system) for p in texts]
@@ -92,103 +194,102 @@ class LanguageModel:
         return results[0] if single else results
 
     def generate_ids(self, prompt_ids, **sampling):
+        """Like `generate`, for lists of prompt token ids."""
         params = self.sampling_params(**sampling)
-        stats = {}
-        results = self.generator.generate([list(p) for p in prompt_ids], params, stats)
-        steps = stats.get("decode_steps", 0) * len(prompt_ids)
-        rate = steps / stats["decode_s"] if stats.get("decode_s") else 0.0
-        return [Completion(self.tokenizer.decode(r.token_ids), r.token_ids, list(p),
-                           r.finish_reason, stats.get("time_to_first_token_s", 0.0), rate,
-                           stats.get("compile_s", 0.0))
-                for r, p in zip(results, prompt_ids)]
+        engine, compile_s = self._ready()
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        results = engine.generate(prompts, params)
+        rate = decode_rate(results)
+        return [Completion(r.text, r.token_ids, p, r.finish_reason, r.time_to_first_token_s,
+                           rate, compile_s) for r, p in zip(results, prompts)]
 
     def stream(self, prompt, chat=False, system=None, **sampling):
         """Yield `(text_delta, new_ids)` as tokens are produced; the final
         item is the finished `Completion` (check with isinstance)."""
-        ids = prompt if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
+        ids = (list(map(int, prompt)) if isinstance(prompt, (list, tuple))
+               else self.encode(prompt, chat, system))
         params = self.sampling_params(**sampling)
-        decoder = self.tokenizer.stream_decoder()
-        stops = set(params.stop_ids)
-        generated, reason = [], "length"
-        stats = {}
-        first_at = None
-        for chunk in self.generator.stream([list(ids)], params, stats):
-            if first_at is None:
-                first_at = time.perf_counter()
-            new = []
-            for token in chunk[0].tolist():
-                if token in stops:
-                    reason = "stop"
-                    break
-                new.append(token)
-            generated.extend(new)
-            delta = "".join(decoder.push(t) for t in new)
-            if new:
-                yield delta, new
-            if reason == "stop":
-                break
-        decode_s = time.perf_counter() - first_at if first_at else 0.0
-        tail = decoder.flush()
-        if tail:
-            yield tail, []
-        rate = (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0
-        yield Completion(self.tokenizer.decode(generated), generated, list(ids), reason,
-                         stats.get("time_to_first_token_s", 0.0), rate,
-                         stats.get("compile_s", 0.0))
+        engine, compile_s = self._ready()
+        for item in engine.stream(ids, params):
+            if isinstance(item, tuple):
+                yield item
+                continue
+            steps = max(len(item.token_ids) - 1, 0)
+            rate = steps / item.decode_s if item.decode_s > 0 else 0.0
+            yield Completion(item.text, item.token_ids, ids, item.finish_reason,
+                             item.time_to_first_token_s, rate, compile_s)
 
 
-def load(spec, safe_mode=True, tokenizer=None, progress=True, **generator_options):
+def _kind(path):
+    """What a model file is, from its first bytes: "gguf", "keras" (a zip),
+    "h5" (HDF5) or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04":
+        return "keras"
+    if head == b"\x89HDF\r\n\x1a\n":
+        return "h5"
+    return None
+
+
+def load(spec, safe_mode=True, tokenizer=None, progress=True, backend="auto", **options):
     """Load a model by preset name or path.
 
     Args:
         spec: a preset name (`"smollm2"`), a keras-llm model directory, a
-            `.keras`/`.h5` file, or a `.gguf` file.
+            `.keras`/`.h5` file, or a `.gguf` file (told apart by content).
         safe_mode: refuse model files that carry Python code.
-        tokenizer: path of a tokenizer (a model directory or a
-            `tokenizer.json`) for bare `.keras`/`.h5` files; by default
-            the `tokenizer.json` next to the file.
+        tokenizer: for bare `.keras`/`.h5` files: a `tokenizer.json` file or
+            the directory holding one (default: beside the model file).
         progress: show progress on long steps.
-        **generator_options: passed to `Generator`.
+        backend: "auto", "litert" or "xla" (see `LanguageModel`).
+        **options: `max_slots`, `num_threads` (see `LanguageModel`).
 
     Returns:
         A `LanguageModel`.
     """
-    from keras_llm import gguf_import  # pylint: disable=import-outside-toplevel
-    from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
-
     spec = os.fspath(spec)
+    common = dict(backend=backend, progress=progress, safe_mode=safe_mode, **options)
     if spec in presets.PRESETS:
         directory = presets.preset_dir(spec)
-        if not saving.is_model_dir(directory):
+        if not artifacts.is_model_dir(directory):
+            from keras_llm import gguf_import, saving  # pylint: disable=import-outside-toplevel
             checkpoint = presets.preset_checkpoint(spec)
             model, tok, metadata = gguf_import.load_gguf(checkpoint, progress=progress)
             metadata["preset"] = spec
             saving.save_model_dir(directory, model, tok, metadata)
-        else:
-            model, tok, metadata = saving.load_model_dir(directory, safe_mode=safe_mode)
-        return LanguageModel(model, tok, metadata, **generator_options)
-    if saving.is_model_dir(spec):
-        return LanguageModel(*saving.load_model_dir(spec, safe_mode=safe_mode),
-                             **generator_options)
-    if spec.endswith(".gguf"):
-        return LanguageModel(*gguf_import.load_gguf(spec, progress=progress),
-                             **generator_options)
-    if spec.endswith((".keras", ".h5", ".hdf5")):
+            return LanguageModel(model, tok, metadata, source=directory, **common)
+        return LanguageModel(source=directory, metadata=artifacts.read_metadata(directory),
+                             **common)
+    if artifacts.is_model_dir(spec):
+        return LanguageModel(source=spec, metadata=artifacts.read_metadata(spec), **common)
+    from keras_llm import saving  # pylint: disable=import-outside-toplevel
+    kind = _kind(spec) if os.path.isfile(spec) else None
+    if kind == "gguf":
+        from keras_llm import gguf_import  # pylint: disable=import-outside-toplevel
+        return LanguageModel(*gguf_import.load_gguf(spec, progress=progress), source=spec,
+                             **common)
+    if kind in ("keras", "h5"):
+        from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
         model = saving.load_model(spec, safe_mode=safe_mode)
-        source = tokenizer or os.path.dirname(os.path.abspath(spec))
-        if os.path.isfile(source):
-            source = os.path.dirname(os.path.abspath(source))
-        if not os.path.isfile(os.path.join(source, saving.TOKENIZER_FILE)):
+        source = os.path.abspath(tokenizer) if tokenizer else os.path.dirname(os.path.abspath(spec))
+        directory, name = ((os.path.dirname(source), os.path.basename(source))
+                           if os.path.isfile(source) else (source, saving.TOKENIZER_FILE))
+        if not os.path.isfile(os.path.join(directory, name)):
             raise saving.ModelFileError(
                 f"no tokenizer for {spec}: expected {saving.TOKENIZER_FILE} beside it, "
                 "or pass a tokenizer path")
-        tok = BytePairTokenizer.load_assets(source)
-        return LanguageModel(model, tok, {"source": os.path.abspath(spec)},
-                             **generator_options)
+        tok = BytePairTokenizer.from_config_file(os.path.join(directory, name))
+        return LanguageModel(model, tok, {"source": os.path.abspath(spec)}, source=spec, **common)
     if os.path.exists(spec):
         raise saving.ModelFileError(
-            f"{spec} is not a model: expected a keras-llm model directory, "
-            "a .keras/.h5 file or a .gguf file")
+            f"cannot load {spec}: it is not a keras-llm model directory, "
+            "a .keras/.h5 file or a .gguf file (judged by its contents)")
     raise saving.ModelFileError(
         f"unknown model {spec!r}: not a preset ({', '.join(sorted(presets.PRESETS))}) "
-        "and no such file or directory")
+        "and no such model file or directory")

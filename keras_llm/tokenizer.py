@@ -29,7 +29,6 @@ Pipeline of ``tokenize`` for a batch of strings:
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import os
@@ -41,6 +40,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_text as tf_text  # noqa: E402
+
+from keras_llm.runtime.tokenizer import (  # noqa: E402
+    StreamDecoder, bytes_to_unicode, generation_stop_ids, render_chatml, token_bytes_table)
 
 __all__ = ["BytePairTokenizer", "StreamDecoder", "bytes_to_unicode", "TOKENIZER_ASSET_FILE"]
 
@@ -61,7 +63,6 @@ _WORD_PATTERNS = {
 # Pre-tokenizer names used by GGUF's ``tokenizer.ggml.pre`` that map onto ours.
 _GGUF_PRETOKENIZERS = {"smollm": "smollm", "gpt2": "gpt2", "default": "gpt2"}
 _CONTROL_TOKEN_TYPES = (3, 4)  # llama.cpp: CONTROL, USER_DEFINED
-_STOP_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>")
 _NO_MERGE = np.iinfo(np.int64).max
 # tensorflow-text's regex_split stops reading an input string at its first NUL
 # byte, so NUL is escaped for the regex passes.  The escape sequences consist of
@@ -72,26 +73,6 @@ _NO_MERGE = np.iinfo(np.int64).max
 _ESCAPE = "\U0010FFFD"
 _ESCAPED_NUL = _ESCAPE + "\U0010FFFC"
 _ESCAPED_ESCAPE = _ESCAPE + "\U0010FFFB"
-
-
-def bytes_to_unicode() -> list[str]:
-    """Returns GPT-2's reversible byte -> printable character table.
-
-    Printable Latin-1 bytes map to themselves; the remaining 68 bytes (controls,
-    space, DEL, NBSP, soft hyphen ...) map to ``chr(256 + k)`` in byte order.
-
-    Returns:
-        A list of 256 single-character strings indexed by byte value.
-    """
-    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            table.append(chr(byte))
-        else:
-            table.append(chr(256 + extra))
-            extra += 1
-    return table
 
 
 def _re2_literal(text: str) -> str:
@@ -112,46 +93,6 @@ class _PythonState:
     stop_ids: list[int]
     byte_ids: list[int]
     encode_fn: Any = None
-
-
-class StreamDecoder:
-    """Incrementally turns generated token ids into text.
-
-    ``push`` returns only newly completed characters: bytes of a UTF-8 sequence
-    that is split across tokens are held back until the sequence is complete.
-    Invalid bytes become U+FFFD, as in ``BytePairTokenizer.decode``.
-    """
-
-    def __init__(self, tokenizer: "BytePairTokenizer", skip_special_tokens: bool = False):
-        """Creates a decoder.
-
-        Args:
-            tokenizer: The tokenizer whose vocabulary the ids index.
-            skip_special_tokens: Whether special tokens produce no text.
-        """
-        self._tokenizer = tokenizer
-        self._skip = set(tokenizer.special_token_ids) if skip_special_tokens else set()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        """Adds one token and returns the text it completes.
-
-        Args:
-            token_id: The next token id (ids outside the vocabulary are ignored).
-
-        Returns:
-            The newly decodable text, possibly empty.
-        """
-        token_id = int(token_id)
-        if token_id in self._skip or not 0 <= token_id < self._tokenizer.vocabulary_size:
-            return ""
-        return self._decoder.decode(self._tokenizer.token_bytes(token_id))
-
-    def flush(self) -> str:
-        """Returns whatever is still held back (an incomplete tail becomes U+FFFD)."""
-        text = self._decoder.decode(b"", final=True)
-        self._decoder.reset()
-        return text
 
 
 class BytePairTokenizer(tf.Module):
@@ -215,18 +156,10 @@ class BytePairTokenizer(tf.Module):
         self.add_bos = bool(add_bos)
         self.pretokenizer = pretokenizer
         special_token_ids = [index[t] for t in special_tokens]
-        stop = [eos_id] + [index.get(t) for t in _STOP_TOKEN_STRINGS]
-        stop_ids = list(dict.fromkeys(i for i in stop if i is not None))
+        stop_ids = generation_stop_ids(index, eos_id)
 
         # Raw bytes of every token.
-        byte_decoder = {ch: b for b, ch in enumerate(bytes_to_unicode())}
-        specials = set(special_tokens)
-        token_bytes = []
-        for token in vocabulary:
-            if token in specials or any(ch not in byte_decoder for ch in token):
-                token_bytes.append(token.encode("utf-8"))
-            else:
-                token_bytes.append(bytes(byte_decoder[ch] for ch in token))
+        token_bytes = token_bytes_table(vocabulary, special_tokens)
         fallback = unk_id if unk_id is not None else 0
         byte_ids = [index.get(ch, fallback) for ch in bytes_to_unicode()]
         # Python containers live in a plain dataclass: tf.Module would wrap
@@ -371,7 +304,12 @@ class BytePairTokenizer(tf.Module):
         Returns:
             The tokenizer.
         """
-        with open(pathlib.Path(directory) / TOKENIZER_ASSET_FILE, encoding="utf-8") as f:
+        return cls.from_config_file(pathlib.Path(directory) / TOKENIZER_ASSET_FILE)
+
+    @classmethod
+    def from_config_file(cls, path) -> "BytePairTokenizer":
+        """Recreates a tokenizer from a ``tokenizer.json`` file (any name)."""
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
         version = config.pop("format_version", _ASSET_FORMAT_VERSION)
         if version != _ASSET_FORMAT_VERSION:
@@ -647,22 +585,7 @@ class BytePairTokenizer(tf.Module):
         Returns:
             The prompt text.
         """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        messages = list(messages)
-        if system is not None:
-            if messages and messages[0].get("role") == "system":
-                raise ValueError("`system` given but the messages already start with a system message")
-            messages.insert(0, {"role": "system", "content": system})
-        parts = []
-        for message in messages:
-            role, content = message["role"], message["content"]
-            if not isinstance(content, str):
-                raise TypeError(f"message content must be a string, got {type(content).__name__}")
-            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+        return render_chatml(messages, add_generation_prompt, system)
 
 
 @tf.autograph.experimental.do_not_convert

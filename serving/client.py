@@ -1,6 +1,6 @@
 """A small client for keras-llm servers (and TF Serving for `predict`).
 
-    from serving.client import Client
+    from keras_llm.serving.client import Client
     with Client("127.0.0.1:8500") as client:
         for delta in client.stream("Hello!", chat=True):
             print(delta, end="")
@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving.protos import generation_pb2, generation_pb2_grpc
+from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 
 
 class Client:
@@ -72,10 +72,28 @@ class Client:
 
     def predict(self, model_name, prompts, signature_name="serving_default", **inputs):
         """TF Serving `Predict`: string prompts (plus any other named inputs)."""
+        return self._predict(model_name, signature_name,
+                             {"prompt": np.array(prompts, dtype=object), **inputs})
+
+    def predict_ids(self, model_name, prompt_ids, max_new_tokens=128, temperature=0.0,
+                    top_k=0, top_p=1.0, seed=0):
+        """TF Serving `Predict` on `generate_ids`: lists of prompt ids, right-padded."""
+        batch = len(prompt_ids)
+        width = max(len(p) for p in prompt_ids)
+        ids = np.zeros([batch, width], np.int32)
+        for row, p in enumerate(prompt_ids):
+            ids[row, :len(p)] = p
+        rows = lambda value, dtype: np.full([batch], value, dtype)  # noqa: E731
+        return self._predict(model_name, "generate_ids", {
+            "token_ids": ids, "num_tokens": np.array([len(p) for p in prompt_ids], np.int32),
+            "max_new_tokens": rows(max_new_tokens, np.int32),
+            "temperature": rows(temperature, np.float32), "top_k": rows(top_k, np.int32),
+            "top_p": rows(top_p, np.float32), "seed": rows(seed, np.int32)})
+
+    def _predict(self, model_name, signature_name, inputs):
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = signature_name
-        request.inputs["prompt"].CopyFrom(tf.make_tensor_proto(np.array(prompts, dtype=object)))
         for key, value in inputs.items():
             request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
         response = self.prediction.Predict(request, timeout=self.timeout)

@@ -21,15 +21,16 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from serving.engine import (Engine, EngineConfig, EngineStopped, InvalidRequest, QueueFull,
-                            Sampling)
-from serving.protos import generation_pb2, generation_pb2_grpc
+from keras_llm.runtime.params import SamplingParams
+from keras_llm.serving.engine import EngineConfig, EngineStopped, ExportedModel, InvalidRequest, QueueFull
+from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 
 LOG = logging.getLogger("keras_llm.serving")
 
@@ -49,7 +50,7 @@ class ServedModel:
         self.name = name
         self.version = version
         self.path = os.path.join(base_path, str(version))
-        self.engine = Engine(self.path, engine_config)
+        self.engine = ExportedModel(self.path, engine_config)
         self.signatures = self.engine.module.signatures
         from tensorflow.python.saved_model import loader_impl  # pylint: disable=import-outside-toplevel
         self.signature_defs = loader_impl.parse_saved_model(self.path).meta_graphs[0].signature_def
@@ -143,6 +144,85 @@ def log_event(event, **fields):
                         ensure_ascii=False))
 
 
+# Generation signatures that Predict answers through the engine (batched with
+# every other request); the SavedModel computes the same outputs on its own.
+ENGINE_SIGNATURES = ("serving_default", "generate", "generate_ids")
+
+
+def _rows(value, batch, dtype):
+    value = np.asarray(value, dtype).reshape(-1)
+    if value.size not in (1, batch):
+        raise InvalidRequest(f"per-row inputs must have 1 or {batch} values, got {value.size}")
+    return np.broadcast_to(value, (batch,))
+
+
+def predict_with_engine(loaded, name, inputs, context):
+    """A generation signature's outputs, computed by the engine: the same
+    tokens the SavedModel's own decode loop gives (stop ids only, greedy
+    unless the request samples), padded as its outputs are."""
+    meta = loaded.metadata
+    most = int(meta["max_new_tokens"])
+    pad = meta["tokenizer"]["pad_id"]
+    pad = 0 if pad is None else int(pad)
+    try:
+        if name == "generate_ids":
+            ids, counts = inputs["token_ids"], inputs["num_tokens"].reshape(-1)
+            if ids.ndim != 2 or len(counts) != ids.shape[0]:
+                raise InvalidRequest("token_ids must be [batch, length] with one num_tokens per row")
+            prompts = [ids[row, :max(int(n), 0)].tolist() for row, n in enumerate(counts)]
+        else:
+            chat = meta.get("chat_applied_in_graph", False)
+            prompts = [loaded.encode(t.decode("utf-8", errors="replace"), chat=chat)
+                       for t in inputs["prompt"].reshape(-1)]
+        batch = len(prompts)
+        if name == "serving_default":
+            new, temperature = np.full([batch], most), np.zeros([batch])
+            top_k, top_p, seed = np.zeros([batch]), np.ones([batch]), np.zeros([batch])
+        else:
+            new = np.clip(_rows(inputs["max_new_tokens"], batch, np.int64), 0, most)
+            temperature = _rows(inputs["temperature"], batch, np.float64)
+            top_k = _rows(inputs["top_k"], batch, np.int64)
+            top_p = _rows(inputs["top_p"], batch, np.float64)
+            seed = _rows(inputs["seed"], batch, np.int64)
+        jobs = []
+        for row, prompt in enumerate(prompts):
+            p = float(top_p[row])
+            params = SamplingParams(max_new_tokens=int(new[row]),
+                                    temperature=max(float(temperature[row]), 0.0),
+                                    top_k=max(int(top_k[row]), 0),
+                                    top_p=p if 0.0 < p <= 1.0 else 1.0, seed=int(seed[row]))
+            jobs.append(loaded.engine.submit(prompt, params, text=False))
+    except InvalidRequest as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except QueueFull as error:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    except EngineStopped as error:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    context.add_callback(lambda: [job.cancel() for job in jobs])
+    for job in jobs:
+        job.done.wait()
+    if any(job.result.finish_reason == "error" for job in jobs):
+        context.abort(grpc.StatusCode.INTERNAL, "generation failed")
+    width = max(int(new.max()) if batch else 1, 1)
+    tokens = np.full([batch, width], pad, np.int32)
+    for row, job in enumerate(jobs):
+        tokens[row, :len(job.result.token_ids)] = job.result.token_ids
+    outputs = {"token_ids": tokens,
+               "num_tokens": np.array([len(j.result.token_ids) for j in jobs], np.int32)}
+    if name != "generate_ids":
+        outputs["text"] = np.array([loaded.tokenizer.decode(j.result.token_ids).encode("utf-8")
+                                    for j in jobs], dtype=object)
+    return outputs
+
+
+def result_summary(result):
+    """A `Result` as the fields of the Generate stream's `Summary`."""
+    return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": len(result.token_ids), "queue_s": result.queue_s,
+            "time_to_first_token_s": result.time_to_first_token_s, "total_s": result.total_s,
+            "text": result.text, "token_ids": list(result.token_ids)}
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, servables):
         self.servables = servables
@@ -170,11 +250,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"input {key}: shape {list(value.shape)} does not match "
                               f"{spec[key].shape}")
-            inputs[key] = tf.constant(value)
-        try:
-            outputs = function(**inputs)
-        except tf.errors.InvalidArgumentError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message.splitlines()[0])
+            inputs[key] = value
+        if name in ENGINE_SIGNATURES:
+            outputs = predict_with_engine(model.engine, name, inputs, context)
+        else:
+            try:
+                outputs = {k: v.numpy() for k, v in function(
+                    **{k: tf.constant(v) for k, v in inputs.items()}).items()}
+            except tf.errors.InvalidArgumentError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message.splitlines()[0])
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -185,7 +269,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"output_filter names unknown outputs {sorted(unknown)}")
         for key in wanted:
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key].numpy()))
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
         return response
 
     def GetModelMetadata(self, request, context):
@@ -297,12 +381,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             else:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt as text or ids")
             o = request.sampling
-            sampling = Sampling(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
-                                top_k=o.top_k, top_p=o.top_p or 1.0, seed=o.seed,
-                                stop=tuple(o.stop), stop_ids=tuple(o.stop_ids),
-                                ignore_eos=o.ignore_eos)
+            sampling = SamplingParams(
+                max_new_tokens=o.max_new_tokens or engine.config.default_max_new_tokens,
+                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p or 1.0, seed=o.seed,
+                stop=tuple(o.stop), stop_ids=tuple(o.stop_ids), ignore_eos=o.ignore_eos)
             try:
-                return name, engine.submit(prompt_ids, sampling)
+                return name, engine.engine.submit(prompt_ids, sampling)
             except InvalidRequest as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             except QueueFull as error:
@@ -327,7 +411,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 yield generation_pb2.GenerateResponse(
                     delta=generation_pb2.Delta(text=event[1], token_ids=event[2]))
             else:
-                summary = event[1]
+                summary = result_summary(event[1])
                 if self.metrics is not None:
                     self.metrics.observe(name, summary, gaps)
                 log_event("request", model=name, finish_reason=summary["finish_reason"],

@@ -28,8 +28,8 @@ def reference():
 
     data = load_reference()
     if data is None:
-        message = "shared/reference/smollm2_reference.json not found beside the repository"
+        message = "tests/data/smollm2_reference.json is missing (copy it from shared/reference/)"
         if os.environ.get("CI"):
-            pytest.fail(message + " (CI must run with shared/ beside the clone)")
+            pytest.fail(message + "")
         pytest.skip(message)
     return data

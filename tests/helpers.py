@@ -11,7 +11,7 @@ from keras_llm.config import LlamaConfig
 from keras_llm.models import build_llama
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference" / "smollm2_reference.json"
+REFERENCE = REPO / "tests" / "data" / "smollm2_reference.json"
 
 
 def load_reference():
@@ -80,3 +80,14 @@ def random_token_batches(seed=0, count=3, shape=(4, 17), vocabulary_size=300):
     """Reproducible batches of token ids for training and evaluation tests."""
     rng = np.random.default_rng(seed)
     return [rng.integers(1, vocabulary_size, shape).astype(np.int32) for _ in range(count)]
+
+
+def engine_greedy(backend, prompts, max_new_tokens, max_slots=None):
+    """Greedy ids from the runtime engine over `backend`, no stop ids."""
+    from keras_llm.runtime.engine import Engine, EngineConfig
+    from keras_llm.runtime.params import SamplingParams
+
+    engine = Engine(backend, None, EngineConfig(max_slots=max_slots or len(prompts)), stop_ids=())
+    results = engine.generate([list(map(int, p)) for p in prompts],
+                              SamplingParams(max_new_tokens=max_new_tokens), text=False)
+    return [r.token_ids for r in results]

@@ -58,10 +58,10 @@ def test_tokenize(capsys, model_dir):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "no-such-model", "--prompt", "hi"], "unknown model"),
     (["generate", "--prompt", "", "--model", "MODEL"], "empty prompt"),
-    (["generate", "--prompt", "x" * 300, "--model", "MODEL"], "context length"),
+    (["generate", "--prompt", "x" * 300, "--model", "MODEL"], "per-sequence limit"),
     (["generate", "--prompt", "hi", "--top-p", "1.5", "--model", "MODEL"], "top_p"),
     (["generate", "--prompt", "hi", "--model", "CORRUPT"], "cannot load"),
-    (["tokenize", "--text", "hi", "--model", "/nonexistent/x.gguf"], "no such GGUF"),
+    (["tokenize", "--text", "hi", "--model", "/nonexistent/x.gguf"], "no such model file"),
 ])
 def test_bad_input_one_line_error(capsys, model_dir, tmp_path, argv, message):
     corrupt = tmp_path / "corrupt.keras"

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_llm
-from export.saved_model import SIGNATURES, ExportError, export_model
+from keras_llm.export.saved_model import SIGNATURES, ExportError, export_model
 from keras_llm import cli
 from tests.helpers import REPO, tiny_language_model
 

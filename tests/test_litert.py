@@ -13,13 +13,15 @@ from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from export.saved_model import export_model
+from keras_llm.export.saved_model import export_model
 from keras_llm import litert
 from keras_llm.generation import Generator, SamplingParams
+from keras_llm.runtime.engine import InvalidRequest
+from keras_llm.runtime.litert import LiteRTBackend
 from keras_llm.models import find_layer
-from serving.engine import Engine, EngineConfig
-from serving.server import Server
-from tests.helpers import tiny_language_model, tiny_model
+from keras_llm.serving.engine import EngineConfig, ExportedModel
+from keras_llm.serving.server import Server
+from tests.helpers import engine_greedy, tiny_language_model, tiny_model
 from tests.test_serving import stream
 
 MAX_LENGTH = 64
@@ -64,31 +66,35 @@ def test_teacher_forced_logits_match_the_model_across_prefill_chunks(model, runn
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_greedy_generation_matches_full_recompute_for_ragged_batches(model, runner):
+def test_greedy_generation_matches_full_recompute_for_ragged_batches(model, float_file):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 200, n)) for n in (20, 3, 17)]  # decode_b4 for 3 rows
-    tokens, stats = runner.generate_ids(prompts, 12)
+    tokens = engine_greedy(LiteRTBackend(float_file, num_threads=1), prompts, 12)
     for prompt, got in zip(prompts, tokens):
         assert got == _greedy_reference(model, prompt, 12)
-    assert stats["decode_tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0
     # Same prompt alone (decode_b1): the batch does not change a row's tokens.
-    alone, _ = runner.generate_ids(prompts[1:2], 12)
+    alone = engine_greedy(LiteRTBackend(float_file, num_threads=1), prompts[1:2], 12)
     assert alone[0] == tokens[1]
 
 
-def test_generation_matches_the_xla_generator(model, runner):
+def test_generation_matches_the_xla_generator(model, float_file):
     prompts = [[5, 9, 14, 2, 77], [31, 8]]
     expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=10))
-    tokens, _ = runner.generate_ids(prompts, 10)
+    tokens = engine_greedy(LiteRTBackend(float_file, num_threads=1), prompts, 10)
     assert tokens == [list(g.token_ids) for g in expected]
 
 
 @pytest.fixture(scope="module")
-def bucket_runner(model, tmp_path_factory):
+def bucket_file(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("litert") / "buckets.tflite"
     litert.convert(model, str(path), batch_sizes=(1, 4), max_length=MAX_LENGTH,
                    prefill_length=16, lengths=(16, 32))
-    return litert.LiteRTRunner(str(path), num_threads=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bucket_runner(bucket_file):
+    return litert.LiteRTRunner(bucket_file, num_threads=1)
 
 
 def test_shorter_caches_are_signatures_of_their_own(bucket_runner):
@@ -104,12 +110,14 @@ def test_shorter_caches_are_signatures_of_their_own(bucket_runner):
     assert litert.default_lengths(448) == (128, 256) and litert.default_lengths(128) == ()
 
 
-def test_generation_moves_through_shorter_caches_unchanged(model, bucket_runner):
+def test_generation_moves_through_shorter_caches_unchanged(model, bucket_file):
     # Positions 3..45 and 12..54: both rows cross the 16- and 32-slot caches.
     prompts = [[5, 9, 14], [31, 8, 2, 7, 1, 60, 3, 44, 19, 2, 5, 90]]
     expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=40))
-    tokens, _ = bucket_runner.generate_ids(prompts, 40)
+    backend = LiteRTBackend(bucket_file, num_threads=1)
+    tokens = engine_greedy(backend, prompts, 40)
     assert tokens == [list(g.token_ids) for g in expected]
+    assert backend.active.length == MAX_LENGTH  # moved on from the 16- and 32-slot caches
 
 
 def test_step_refuses_a_position_past_its_cache(bucket_runner):
@@ -118,11 +126,15 @@ def test_step_refuses_a_position_past_its_cache(bucket_runner):
         bucket_runner.step(short, np.array([1], np.int32), np.array([16], np.int32))
 
 
-def test_limits_are_clear_errors(model, runner, tmp_path):
+def test_limits_are_clear_errors(model, runner, float_file, tmp_path):
     with pytest.raises(ValueError, match="largest compiled decode batch"):
-        runner.generate_ids([[1]] * 5, 2)
-    with pytest.raises(ValueError, match="cache positions"):
-        runner.generate_ids([[1] * 60], 10)
+        runner.decoder(5)
+    backend = LiteRTBackend(float_file, num_threads=1)
+    # Five requests over a file whose largest batch is 4: one waits its turn.
+    assert engine_greedy(backend, [[1]] * 5, 2, max_slots=8) == engine_greedy(
+        LiteRTBackend(float_file, num_threads=1), [[1]], 2) * 5
+    with pytest.raises(InvalidRequest, match="per-sequence limit of 64"):
+        engine_greedy(backend, [[1] * 60], 10)
     with pytest.raises(ValueError, match="quantization"):
         litert.convert(model, str(tmp_path / "x.tflite"), quantization="int4")
     with pytest.raises(ValueError, match="lengths must be"):
@@ -176,8 +188,8 @@ def test_fused_projections_give_the_same_results(quantization, tmp_path):
     runners = {fuse: litert.LiteRTRunner(path, num_threads=1) for fuse, path in paths.items()}
     np.testing.assert_array_equal(runners[True](ids), runners[False](ids))
     prompts = [list(ids[0, :9]), list(ids[1, :4])]
-    assert (runners[True].generate_ids(prompts, 24)[0]
-            == runners[False].generate_ids(prompts, 24)[0])
+    assert (engine_greedy(LiteRTBackend(paths[True], num_threads=1), prompts, 24)
+            == engine_greedy(LiteRTBackend(paths[False], num_threads=1), prompts, 24))
 
 
 def test_int8_file_stores_int8_weights_and_follows_the_model(tmp_path):
@@ -231,7 +243,8 @@ def test_export_records_the_litert_file(litert_server):
 def test_server_uses_litert_and_matches_the_generator(litert_server):
     lm, channel, srv, _ = litert_server
     engine = srv.servables.lookup("tiny").engine
-    assert engine.steps.name == "litert" and engine.num_slots == 4  # capped by the file
+    backend = engine.engine.backend
+    assert backend.capabilities.name == "litert" and engine.num_slots == 4  # capped by the file
     # More requests than slots (queued); prompts pad to 16 positions, so
     # 20 new tokens move each batch from the 24- to the 48-slot cache.
     prompts = [f"request number {i}" for i in range(7)]
@@ -239,7 +252,7 @@ def test_server_uses_litert_and_matches_the_generator(litert_server):
         results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=20)[1], prompts))
     for prompt, summary in zip(prompts, results):
         assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=20).token_ids
-    assert engine.steps.active.length == 48
+    assert backend.active.length == 48
 
 
 def test_server_litert_sampling_matches_generator(litert_server):
@@ -252,6 +265,7 @@ def test_server_litert_sampling_matches_generator(litert_server):
 
 def test_litert_backend_requires_the_file(tmp_path):
     lm = tiny_language_model(seed=6)
-    path = export_model(lm, tmp_path, "plain", max_new_tokens=8, progress=False, warmup=False)
+    path = export_model(lm, tmp_path, "plain", max_new_tokens=8, progress=False, warmup=False,
+                        litert=None)
     with pytest.raises(ValueError, match="no LiteRT file"):
-        Engine(path, EngineConfig(backend="litert"))
+        ExportedModel(path, EngineConfig(backend="litert"))

@@ -142,7 +142,7 @@ def test_two_four_and_unstructured_sparsity_in_saved_file(model_dir, tmp_path):
 
 
 def test_distilled_student_is_smaller_resumes_and_exports(model_dir, tmp_path):
-    from export.saved_model import export_model  # pylint: disable=import-outside-toplevel
+    from keras_llm.export.saved_model import export_model  # pylint: disable=import-outside-toplevel
 
     logdir = tmp_path / "logs"
     report = run(model_dir, tmp_path / "student", tmp_path / "s.json", distill_layers=1,

@@ -48,3 +48,29 @@ def test_keras3_already_resolved_is_reported():
     proc = _python("import os\nos.environ['TF_USE_LEGACY_KERAS'] = '0'\nimport keras_llm")
     assert proc.returncode != 0
     assert "needs Keras 2" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_wheel_installs_keras_llm_as_its_only_top_level_package(tmp_path):
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheels), str(REPO)], check=True, capture_output=True,
+                   timeout=600)
+    [wheel] = list(wheels.glob("keras_llm-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=600)
+    top = sorted(p.name for p in target.iterdir()
+                 if not p.name.endswith(".dist-info") and p.name != "bin")
+    assert top == ["keras_llm"]
+    installed = target / "keras_llm"
+    for module in ("export/saved_model.py", "serving/server.py", "serving/protos/generation.proto",
+                   "runtime/engine.py", "data/eval_text.txt"):
+        assert (installed / module).is_file(), module
+    assert not (installed / "benchmarks").exists()
+    # The installed copy imports on its own (not the checkout's files).
+    proc = subprocess.run([sys.executable, "-c", "import keras_llm.serving.engine as e, "
+                           "keras_llm.export as x; print(e.__file__); print(x.__file__)"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin",
+                               "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert all(line.startswith(str(installed)) for line in proc.stdout.split())

@@ -35,12 +35,25 @@ def test_last_position_logits_match_reference_top10(smollm2, reference):
 
 
 def test_greedy_24_tokens_match_reference_alone_and_batched(smollm2, reference):
+    # The default path: the engine over the model's LiteRT file (float32).
+    assert smollm2.engine.backend.capabilities.name == "litert"
     prompts = [item["prompt_ids"] for item in reference["generation"]]
     batched = smollm2.generate_ids(prompts, max_new_tokens=24, stop_ids=())
     for item, result in zip(reference["generation"], batched):
         assert result.token_ids == item["greedy24"]
         alone = smollm2.generate_ids([item["prompt_ids"]], max_new_tokens=24, stop_ids=())[0]
         assert alone.token_ids == item["greedy24"]
+
+
+def test_xla_backend_matches_reference(reference):
+    import keras_llm
+
+    lm = keras_llm.load("smollm2", backend="xla", progress=False)
+    assert lm.engine.backend.capabilities.name == "xla"
+    prompts = [item["prompt_ids"] for item in reference["generation"]]
+    for item, result in zip(reference["generation"],
+                            lm.generate_ids(prompts, max_new_tokens=24, stop_ids=())):
+        assert result.token_ids == item["greedy24"]
 
 
 def test_streamed_text_equals_reference_text(smollm2, reference):
@@ -75,10 +88,11 @@ def test_cli_generate_json_subprocess(smollm2, reference):
 
 
 def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, reference, tmp_path):
-    from export.saved_model import export_model
+    from keras_llm.export.saved_model import export_model
     from tests.test_export import run_in_fresh_process
 
-    path = export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False)
+    path = export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False,
+                        litert=None)
     items = [reference["generation"][0], reference["generation"][2]]
     result = run_in_fresh_process(path, "serving_default", {"prompt": [i["prompt"] for i in items]})
     assert result["imported_modules"] == []
@@ -90,16 +104,22 @@ def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, refe
 
 
 def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
-    """The real server on loopback with SmolLM2: Predict with TF Serving's stubs,
-    streaming (non-ASCII intact), and concurrent streams equal to alone."""
+    """The real server on loopback with SmolLM2 on the export's LiteRT file:
+    Predict with TF Serving's stubs (through the engine), streaming (non-ASCII
+    intact), and concurrent streams and Predict calls equal to alone."""
     import concurrent.futures
 
-    from export.saved_model import export_model
-    from serving.client import Client
-    from serving.engine import EngineConfig
-    from serving.server import Server
+    from keras_llm.export.saved_model import export_model
+    from keras_llm.runtime import artifacts
+    from keras_llm.serving.client import Client
+    from keras_llm.serving.engine import EngineConfig
+    from keras_llm.serving.server import Server
 
-    export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False)
+    # The model's own LiteRT options: the export copies the file already built.
+    o = artifacts.DEFAULT_LITERT
+    export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False,
+                 litert_batch_sizes=o["batch_sizes"], litert_max_length=o["max_length"],
+                 litert_lengths=o["lengths"])
     server = Server({"smollm2": str(tmp_path / "smollm2")}, port=0, poll_seconds=0,
                     engine_config=EngineConfig(max_slots=2, max_length=256))
     try:
@@ -119,23 +139,18 @@ def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
             with Client(f"127.0.0.1:{server.port}", timeout=600) as c:
                 return list(c.generate(ids, max_new_tokens=24).token_ids)
 
+        def predicted(ids):
+            with Client(f"127.0.0.1:{server.port}", timeout=600) as c:
+                out = c.predict_ids("smollm2", [ids], max_new_tokens=24)
+                return out["token_ids"][0][:out["num_tokens"][0]].tolist()
+
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             together = list(pool.map(one, prompts))
-        assert together == [i["greedy24"] for i in reference["generation"]]
+            by_predict = list(pool.map(predicted, prompts))
+        expected = [i["greedy24"] for i in reference["generation"]]
+        assert together == expected
+        # generate_ids stops at the model's stop ids; the reference never stops.
+        for got, want in zip(by_predict, expected):
+            assert got == want[:len(got)] and len(got) > 0
     finally:
         server.drain(0)
-
-
-def test_litert_float32_file_generates_the_reference_greedy_tokens(smollm2, reference, tmp_path):
-    # The converted step with its fused projections and decode-step attention
-    # must keep float32 greedy decoding identical to the reference.
-    from keras_llm import litert  # pylint: disable=import-outside-toplevel
-
-    prompts = [item["prompt_ids"] for item in reference["generation"]]
-    longest = max(len(p) for p in prompts) + 24
-    path = litert.convert(smollm2.model, str(tmp_path / "smollm2.tflite"), batch_sizes=(1,),
-                          max_length=-(-longest // 16) * 16, prefill_length=16)
-    runner = litert.LiteRTRunner(path, num_threads=2)
-    for item, prompt in zip(reference["generation"], prompts):
-        tokens, _ = runner.generate_ids([prompt], 24)
-        assert tokens[0] == item["greedy24"]

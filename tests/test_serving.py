@@ -11,10 +11,10 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from export.saved_model import export_model
-from serving.engine import EngineConfig
-from serving.protos import generation_pb2, generation_pb2_grpc
-from serving.server import Server
+from keras_llm.export.saved_model import export_model
+from keras_llm.serving.engine import EngineConfig
+from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
+from keras_llm.serving.server import Server
 from tests.helpers import tiny_language_model
 
 DEADLINE = 120
@@ -252,13 +252,13 @@ def test_client_commands(server, capsys, monkeypatch):
 
 
 def test_kv_cache_sized_from_memory_budget_and_batching_file(server, tmp_path):
-    from serving.engine import Engine
-    from serving.server import read_batching_parameters
+    from keras_llm.serving.engine import ExportedModel
+    from keras_llm.serving.server import read_batching_parameters
     _, servables = server
     path = servables.lookup("tiny").path
     per_slot = servables.lookup("tiny").engine.bytes_per_slot
-    engine = Engine(path, EngineConfig(max_slots=16, max_length=128, prompt_bucket=16,
-                                       memory_budget_bytes=int(per_slot * 2.5)))
+    engine = ExportedModel(path, EngineConfig(max_slots=16, max_length=128, prompt_bucket=16,
+                                              memory_budget_bytes=int(per_slot * 2.5)))
     try:
         assert engine.num_slots == 2 and engine.bytes_per_slot == per_slot
         # 2 layers x (K, V) x 2 KV heads x 4 dims x 128 positions x 4 bytes
@@ -266,7 +266,7 @@ def test_kv_cache_sized_from_memory_budget_and_batching_file(server, tmp_path):
     finally:
         engine.stop()
     with pytest.raises(ValueError, match="below one slot"):
-        Engine(path, EngineConfig(max_length=128, memory_budget_bytes=per_slot // 2))
+        ExportedModel(path, EngineConfig(max_length=128, memory_budget_bytes=per_slot // 2))
     batching = tmp_path / "batching.pbtxt"
     batching.write_text("max_batch_size { value: 8 }\nmax_enqueued_batches { value: 20 }\n"
                         "batch_timeout_micros { value: 5000 }\n")

@@ -11,10 +11,10 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export.saved_model import export_model
-from serving.client import Client
-from serving.engine import EngineConfig
-from serving.server import Server
+from keras_llm.export.saved_model import export_model
+from keras_llm.serving.client import Client
+from keras_llm.serving.engine import EngineConfig
+from keras_llm.serving.server import Server
 from tests.helpers import REPO, tiny_language_model
 
 
@@ -73,7 +73,7 @@ def test_model_config_file_serves_several_models(tmp_path):
         f'  config {{ name: "a" base_path: "{tmp_path / "a"}" model_platform: "tensorflow" }}\n'
         f'  config {{ name: "b" base_path: "{tmp_path / "b"}" model_platform: "tensorflow" }}\n'
         "}\n")
-    from serving.server import read_model_config
+    from keras_llm.serving.server import read_model_config
     models = read_model_config(str(config_path))
     assert models == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
     server = Server(models, port=0, engine_config=EngineConfig(max_slots=2, max_length=64,

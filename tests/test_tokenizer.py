@@ -22,7 +22,7 @@ import tensorflow_text  # noqa: E402,F401  (registers the regex ops for loaded S
 
 from keras_llm.tokenizer import BytePairTokenizer, bytes_to_unicode  # noqa: E402
 
-REFERENCE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2_reference.json"
+REFERENCE_PATH = Path(__file__).resolve().parent / "data" / "smollm2_reference.json"
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "tokenizer_corpus.json"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Rank order matters: e.g. "b c" (5) beats "a b" (6).
@@ -297,7 +297,7 @@ def smollm(gguf_reader):
 @pytest.fixture(scope="module")
 def reference():
     if not REFERENCE_PATH.is_file():
-        pytest.skip(f"reference file {REFERENCE_PATH} not found (shared/ must sit beside the repository)")
+        pytest.skip(f"reference file {REFERENCE_PATH} not found (copied from shared/reference/)")
     with open(REFERENCE_PATH, encoding="utf-8") as f:
         return json.load(f)
 

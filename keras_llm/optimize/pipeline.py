@@ -198,8 +198,8 @@ class _Measurer:
 
     def keras_row(self, variant, model, file_path=None, notes=()):
         """A row for a Keras model; saved into scratch when no file is given."""
-        from keras_llm.generation import Generator  # pylint: disable=import-outside-toplevel
         from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.xla import XLABackend  # pylint: disable=import-outside-toplevel
         from keras_llm.optimize.precision import model_dtype  # pylint: disable=import-outside-toplevel
 
         _log(self.options, f"measuring {variant}: size")
@@ -216,8 +216,8 @@ class _Measurer:
         params, nonzero = reporting.count_params(model)
         speed = {}
         if self.options.speed:
-            generator = Generator(model, pad_id=self.pad_id)
-            speed = self._speed(variant, reporting.generator_decode(generator))
+            speed = self._speed(variant, reporting.engine_decode(
+                XLABackend.from_model(model, max_slots=16)))
         return self._row(variant, "keras-xla", model, params, nonzero, size, gz, speed,
                          dtype=model_dtype(model), layers=config_from_model(model).num_layers,
                          notes=notes)
@@ -229,7 +229,8 @@ class _Measurer:
         params, nonzero = reporting.count_params(source_model)
         speed = {}
         if self.options.speed:
-            speed = self._speed(variant, reporting.runner_decode(runner))
+            from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+            speed = self._speed(variant, reporting.engine_decode(LiteRTBackend(runner)))
         return self._row(variant, "litert-xnnpack", runner, params, nonzero,
                          os.path.getsize(file_path), reporting.gzip_size(file_path), speed,
                          dtype="int8 weights (dynamic range)",

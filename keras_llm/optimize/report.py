@@ -9,7 +9,7 @@ Row keys are stable (notebooks read them):
 | `nonzero_params` | parameters that are not exactly 0 |
 | `size_bytes` | the model file on disk (`model.keras`, or `model.tflite`) |
 | `gzip_bytes` | that file gzip-compressed (level 6) |
-| `decode_tps_b1`, `decode_tps_b16` | median decode tokens/s (aggregate over the batch), greedy, Generator (XLA) or for `*-litert` the LiteRT runner; null with `--no-speed` |
+| `decode_tps_b1`, `decode_tps_b16` | median decode tokens/s (aggregate over the batch), greedy, through the engine: XLA backend, or for `*-litert` the LiteRT backend; null with `--no-speed` |
 | `perplexity` | on the evaluation text |
 | `mean_kl` | mean KL(original || variant) of next-token distributions, nats |
 | `top1_agreement` | fraction of positions where the argmax equals the original's |
@@ -86,25 +86,18 @@ def decode_speed(generate, prompts, max_new_tokens, repeats):
             "n": len(rates)}
 
 
-def generator_decode(generator):
-    """A `generate(prompts, n) -> stats` callable over a keras-llm `Generator`."""
-    from keras_llm.generation import SamplingParams  # pylint: disable=import-outside-toplevel
+def engine_decode(backend):
+    """A `generate(prompts, n) -> stats` callable over the runtime engine on
+    `backend` (greedy, never stopping early), as every entry point runs."""
+    from keras_llm.runtime.engine import Engine, EngineConfig, decode_rate  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime.params import SamplingParams  # pylint: disable=import-outside-toplevel
+
+    engine = Engine(backend, None, EngineConfig(max_slots=16), stop_ids=())
 
     def generate(prompts, max_new_tokens):
-        stats = {}
-        generator.generate([list(p) for p in prompts],
-                           SamplingParams(max_new_tokens=max_new_tokens), stats)
-        steps = stats["decode_steps"] * len(prompts)
-        return {"decode_tokens_per_s": steps / stats["decode_s"]}
-
-    return generate
-
-
-def runner_decode(runner):
-    """The same over a LiteRT runner's `generate_ids`."""
-    def generate(prompts, max_new_tokens):
-        _, stats = runner.generate_ids(np.asarray(prompts, np.int32), max_new_tokens)
-        return stats
+        results = engine.generate([list(map(int, p)) for p in prompts],
+                                  SamplingParams(max_new_tokens=max_new_tokens), text=False)
+        return {"decode_tokens_per_s": decode_rate(results)}
 
     return generate
 

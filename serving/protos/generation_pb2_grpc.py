@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving.protos import generation_pb2 as serving_dot_protos_dot_generation__pb2
+from keras_llm.serving.protos import generation_pb2 as serving_dot_protos_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

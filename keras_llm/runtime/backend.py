@@ -1,0 +1,70 @@
+"""The decode contract every backend implements, and what the engine asks of it.
+
+A backend owns a model's compiled step and the KV cache of `num_slots`
+sequence slots. The engine (`keras_llm.runtime.engine`) owns everything
+else: which request is in which slot, sampling, stops and streaming.
+
+    allocate(num_slots, max_length)   size the cache (backends may lower both)
+    prefill(token_ids, slot)          run a whole prompt into a slot -> logits (V,)
+    step(tokens, rows)                one token for each slot in `rows`, each at
+                                      its own position -> (greedy (n,), logits (n, V))
+    prompt_positions(n)               cache positions an n-token prompt takes
+
+Positions are the backend's business (a backend that left-pads prompts to
+shape buckets knows where each row's next token goes); the engine only
+promises that a slot's tokens arrive in order.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Capabilities:
+    """What a backend supports.
+
+    Attributes:
+        name: "litert" or "xla".
+        max_slots: most sequences one step can hold.
+        max_length: cache positions per sequence (prompt plus new tokens).
+        vocabulary_size: logits per row.
+        dtype: the weights' precision ("float32", "int8", ...).
+        row_counts: the step sizes the backend compiles (the engine warms them).
+    """
+
+    name: str
+    max_slots: int
+    max_length: int
+    vocabulary_size: int
+    dtype: str = "float32"
+    row_counts: tuple = ()
+
+
+class Backend:
+    """Base of the backends; see the module docstring for the contract."""
+
+    capabilities: Capabilities
+
+    def allocate(self, num_slots, max_length):
+        """Make room for `num_slots` sequences of `max_length` positions;
+        returns `(num_slots, max_length)` as granted."""
+        raise NotImplementedError
+
+    def prompt_positions(self, length):
+        """Cache positions a prompt of `length` tokens occupies."""
+        return length
+
+    def prefill(self, token_ids, slot):
+        """Run `token_ids` into `slot` (replacing what it held); float32 logits
+        `(V,)` of the last token."""
+        raise NotImplementedError
+
+    def step(self, tokens, rows, need_logits=True):
+        """Feed `tokens[i]` to slot `rows[i]` at its next position.
+
+        Returns `(greedy (n,) int32, logits (n, V) float32 or None)`; logits
+        are None when `need_logits` is False.
+        """
+        raise NotImplementedError
+
+    def close(self):
+        """Free what the backend holds."""

@@ -1,0 +1,260 @@
+"""The LiteRT/XNNPACK backend: runs a file written by `keras_llm.litert.convert`.
+
+Nothing here imports TensorFlow: the interpreter comes from `ai_edge_litert`
+and everything else is numpy, so a process that decodes with LiteRT starts
+in about a second. (`keras_llm.litert` converts; it needs TensorFlow.)
+
+The past keys/values live in the interpreter's own input buffers and each
+step's new keys/values are written into them in place. Each decode signature
+(batch size x cache length) has its own buffers; `LiteRTBackend` keeps one
+active, holding every busy slot, and moves to a larger or smaller one with a
+single copy when the batch or the longest sequence needs it.
+"""
+
+import os
+
+import numpy as np
+
+from keras_llm.runtime.backend import Backend, Capabilities
+
+
+class _Signature:
+    """One signature's subgraph with persistent numpy views of its buffers.
+
+    The views stay valid because the tensors are allocated once and never
+    resized; they are how the cache is written in place.
+    """
+
+    def __init__(self, interpreter, key, definition):
+        self._wrapper = interpreter._interpreter  # pylint: disable=protected-access
+        self._base = interpreter
+        self.subgraph = self._wrapper.GetSubgraphIndexFromSignature(key)
+        self._inputs = definition["inputs"]
+        self._outputs = definition["outputs"]
+        self._wrapper.AllocateTensors(self.subgraph)
+        self.batch_size = self.shape("tokens")[0]
+        self.length = self.shape("k_0")[2]  # cache positions
+        self.views = {}
+
+    def bind(self):
+        """Take views of every input and output (after the first invoke,
+        which applies the XNNPACK delegate)."""
+        for name, index in list(self._inputs.items()) + list(self._outputs.items()):
+            self.views[name] = self._wrapper.tensor(self._base, index, self.subgraph)
+
+    def shape(self, name):
+        return tuple(self._wrapper.TensorSize(self._inputs[name], self.subgraph))
+
+    def zero_inputs(self):
+        for name, index in self._inputs.items():
+            value = self._wrapper.GetTensor(index, self.subgraph)
+            self._wrapper.SetTensor(index, np.zeros_like(value), self.subgraph)
+
+    def run(self):
+        self._wrapper.Invoke(self.subgraph)
+
+
+class LiteRTRunner:
+    """Runs a file written by `convert`: greedy generation and teacher-forced
+    logits, with each decode batch size's KV cache in its interpreter buffers.
+
+    Args:
+        path: the `.tflite` file.
+        num_threads: XNNPACK threads (default: every CPU core).
+
+    Attributes:
+        batch_sizes: the decode batch sizes the file has.
+        lengths: the cache lengths of its decode steps (the last is `max_length`).
+        max_length: cache positions per sequence.
+        prefill_length: tokens per prefill call.
+    """
+
+    def __init__(self, path, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no LiteRT file at {path}")
+        self.path = path
+        self.interpreter = Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
+        definitions = self.interpreter._get_full_signature_list()  # pylint: disable=protected-access
+        if "prefill" not in definitions:
+            raise ValueError(f"{path} was not written by keras_llm.litert.convert")
+        self.signatures = {key: _Signature(self.interpreter, key, d)
+                           for key, d in definitions.items()}
+        prefill = self.signatures["prefill"]
+        self.prefill_length = prefill.shape("tokens")[1]
+        _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
+        self.num_layers = sum(name.startswith("k_") for name in definitions["prefill"]["inputs"])
+        self.decoders = {(sig.batch_size, sig.length): sig
+                         for key, sig in self.signatures.items() if key.startswith("decode_b")}
+        self.batch_sizes = sorted({batch for batch, _ in self.decoders})
+        self.lengths = sorted({length for _, length in self.decoders})
+        self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
+        self.ready(self.signatures["prefill"])
+
+    @staticmethod
+    def ready(signature):
+        """Prepare a signature on first use: the first invoke applies the
+        XNNPACK delegate (packing its weights), after which its buffers are
+        final. Signatures nobody uses cost neither time nor memory."""
+        if not signature.views:
+            signature.zero_inputs()
+            signature.run()
+            signature.bind()
+            signature.zero_inputs()
+        return signature
+
+    def decoder(self, batch_size, length=None):
+        """The decode signature with the fewest rows >= `batch_size` and, of
+        those, the shortest cache holding `length` positions (default: all)."""
+        size = next((b for b in self.batch_sizes if b >= batch_size), None)
+        if size is None:
+            raise ValueError(f"batch of {batch_size} exceeds the largest compiled decode batch "
+                             f"({self.batch_sizes[-1]}); convert with larger batch_sizes")
+        need = self.max_length if length is None else int(length)
+        if need > self.max_length:
+            raise ValueError(f"{need} cache positions exceed the file's {self.max_length}")
+        return self.ready(min((sig for (batch, n), sig in self.decoders.items()
+                               if batch == size and n >= need), key=lambda sig: sig.length))
+
+    def copy_cache(self, source, target, rows, length):
+        """Copy rows `0..rows-1`, positions `0..length-1` of every layer's
+        keys/values from one signature's buffers into another's (when a
+        sequence moves to a longer cache or another batch size)."""
+        rows = min(rows, source.batch_size, target.batch_size)
+        length = min(length, source.length, target.length)
+        for name in self._cache_names:
+            target.views[name][:rows, :, :length] = source.views[name][:rows, :, :length]
+
+    def prefill(self, token_ids, targets=(), all_logits=False, start=0):
+        """Run one sequence's tokens at cache positions `start, start + 1, ...`
+        (RoPE positions from 0); copy its keys/values into row `row` of each
+        `(signature, row)` in `targets` (the positions its cache holds).
+
+        Returns the logits of the last token `(V,)`, or of every token
+        `(T, V)` with `all_logits`.
+        """
+        ids = np.asarray(token_ids, np.int32).reshape(-1)
+        if not 0 < len(ids) <= self.max_length - start:
+            raise ValueError(f"sequence of {len(ids)} tokens from position {start}; this file "
+                             f"holds {self.max_length} positions")
+        offset = start
+        step = self.signatures["prefill"]
+        views, width = step.views, self.prefill_length
+        pieces = []
+        for first in range(0, len(ids), width):
+            chunk = ids[first:first + width]
+            count = len(chunk)
+            at = offset + first
+            tokens = views["tokens"]
+            tokens[...] = 0
+            tokens[0, :count] = chunk
+            views["index"][0] = at
+            views["key_start"][0] = offset
+            step.run()
+            more = first + width < len(ids)
+            for name in self._cache_names:
+                new = views[f"new_{name}"][0, :, :count]
+                if more:
+                    views[name][0, :, at:at + count] = new
+                for target, row in targets:
+                    stop = min(at + count, target.length)
+                    if stop > at:
+                        target.views[name][row, :, at:stop] = new[:, :stop - at]
+            logits = views["logits"][0]
+            pieces.append(np.array(logits[:count]) if all_logits else np.array(logits[count - 1]))
+        return np.concatenate(pieces) if all_logits else pieces[-1]
+
+    def __call__(self, token_ids, training=False):
+        """Teacher-forced logits `(B, T, V)` for `(B, T)` token ids."""
+        del training
+        ids = np.asarray(token_ids, np.int32)
+        return np.stack([self.prefill(row, all_logits=True) for row in ids])
+
+    def step(self, signature, tokens, index, key_start=0):
+        """One decode step for rows `0..len(tokens)-1` of `signature`, each
+        row at its own position `index` (`key_start`: its first real
+        position). The new keys/values go into `signature`'s cache (to move
+        rows to another signature, `copy_cache`). Returns the greedy next
+        tokens; the logits stay in `signature.views["logits"]`."""
+        views = signature.views
+        count = len(tokens)
+        rows = np.arange(count)
+        index = np.broadcast_to(np.asarray(index), (count,))
+        if index.max() >= signature.length:
+            raise ValueError(f"position {index.max()} is past {signature.length} cache positions")
+        views["tokens"][:count, 0] = tokens
+        views["index"][:count] = index
+        views["key_start"][:count] = key_start
+        signature.run()
+        for name in self._cache_names:
+            views[name][rows, :, index] = views[f"new_{name}"][:count, :, 0]
+        return np.array(views["greedy"][:count])
+
+
+class LiteRTBackend(Backend):
+    """The engine's backend over a `LiteRTRunner`.
+
+    Args:
+        path: the `.tflite` file (or a `LiteRTRunner` already open on one).
+        num_threads: XNNPACK threads (default: every core).
+        dtype: what the file's weights are, for `capabilities` (the file's
+            own metadata says; see `keras_llm.runtime.artifacts`).
+    """
+
+    def __init__(self, path, num_threads=None, dtype="float32"):
+        self.runner = (path if isinstance(path, LiteRTRunner)
+                       else LiteRTRunner(path, num_threads=num_threads))
+        r = self.runner
+        vocabulary = int(r.signatures["prefill"].views["logits"].shape[-1])
+        self.capabilities = Capabilities("litert", int(r.batch_sizes[-1]), int(r.max_length),
+                                         vocabulary, dtype, tuple(int(b) for b in r.batch_sizes))
+        self.active = None
+        self._positions = np.zeros([r.batch_sizes[-1]], np.int64)
+
+    def allocate(self, num_slots, max_length):
+        # The file's buffers are fixed: grant what fits in them.
+        return (min(int(num_slots), self.capabilities.max_slots),
+                min(int(max_length), self.capabilities.max_length))
+
+    def _activate(self, rows, length):
+        """Make the smallest signature holding `rows` rows of `length`
+        positions active, carrying the busy rows' cache over."""
+        chosen = self.runner.decoder(rows, min(length, self.runner.max_length))
+        if chosen is not self.active:
+            if self.active is not None:
+                self.runner.copy_cache(self.active, chosen, self.active.batch_size,
+                                       self.active.length)
+            self.active = chosen
+        return chosen
+
+    def prefill(self, token_ids, slot):
+        ids = np.asarray(token_ids, np.int32).reshape(-1)
+        # Never shrink here: the active signature holds the other busy rows.
+        rows, length = slot + 1, len(ids) + 1
+        if self.active is not None:
+            rows = max(rows, self.active.batch_size)
+            length = max(length, self.active.length)
+        target = self._activate(rows, length)
+        logits = self.runner.prefill(ids, [(target, slot)])
+        self._positions[slot] = len(ids)
+        return np.asarray(logits, np.float32)
+
+    def step(self, tokens, rows, need_logits=True):
+        rows = np.asarray(rows, np.int64)
+        count = int(rows.max()) + 1
+        feed = np.zeros([count], np.int32)
+        feed[rows] = tokens
+        index = np.zeros([count], np.int32)
+        index[rows] = self._positions[rows]
+        # Idle rows below `count` compute at position 0 of their own slot,
+        # which the next prefill of that slot overwrites.
+        signature = self._activate(count, int(index.max()) + 1)
+        greedy = self.runner.step(signature, feed, index)
+        self._positions[rows] += 1
+        logits = (np.array(signature.views["logits"][rows], np.float32) if need_logits
+                  else None)
+        return greedy[rows].astype(np.int32), logits
+
+    def close(self):
+        self.active = None
+        self.runner = None

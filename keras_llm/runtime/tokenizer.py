@@ -1,0 +1,230 @@
+"""The host tokenizer: byte-level BPE without TensorFlow.
+
+`HostTokenizer` reads keras-llm's `tokenizer.json` (the layout
+`BytePairTokenizer.save_assets` writes: `vocabulary`, `merges`,
+`special_tokens`, `bos_id`/`eos_id`/`pad_id`/`unk_id`, `add_bos`,
+`chat_template`, `pretokenizer`) and encodes with Hugging Face `tokenizers`,
+which gives the in-graph TensorFlow tokenizer's ids exactly (tests compare
+the two). The engine, the CLI and the servers tokenize with it, so the
+LiteRT route never imports TensorFlow; the in-graph `BytePairTokenizer`
+stays for the SavedModel's signatures.
+
+The pure-Python pieces both tokenizers share live here too: GPT-2's byte
+table, the streaming decoder, the stop-id rule and the ChatML template.
+"""
+
+import codecs
+import json
+import os
+
+TOKENIZER_FILE = "tokenizer.json"
+STOP_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>")
+
+
+def bytes_to_unicode():
+    """Returns GPT-2's reversible byte -> printable character table.
+
+    Printable Latin-1 bytes map to themselves; the remaining 68 bytes (controls,
+    space, DEL, NBSP, soft hyphen ...) map to ``chr(256 + k)`` in byte order.
+
+    Returns:
+        A list of 256 single-character strings indexed by byte value.
+    """
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            table.append(chr(byte))
+        else:
+            table.append(chr(256 + extra))
+            extra += 1
+    return table
+
+
+class StreamDecoder:
+    """Incrementally turns generated token ids into text.
+
+    ``push`` returns only newly completed characters: bytes of a UTF-8 sequence
+    that is split across tokens are held back until the sequence is complete.
+    Invalid bytes become U+FFFD, as in ``BytePairTokenizer.decode``.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens=False):
+        """Creates a decoder.
+
+        Args:
+            tokenizer: The tokenizer whose vocabulary the ids index.
+            skip_special_tokens: Whether special tokens produce no text.
+        """
+        self._tokenizer = tokenizer
+        self._skip = set(tokenizer.special_token_ids) if skip_special_tokens else set()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id):
+        """Adds one token and returns the text it completes.
+
+        Args:
+            token_id: The next token id (ids outside the vocabulary are ignored).
+
+        Returns:
+            The newly decodable text, possibly empty.
+        """
+        token_id = int(token_id)
+        if token_id in self._skip or not 0 <= token_id < self._tokenizer.vocabulary_size:
+            return ""
+        return self._decoder.decode(self._tokenizer.token_bytes(token_id))
+
+    def flush(self):
+        """Returns whatever is still held back (an incomplete tail becomes U+FFFD)."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
+
+
+def token_bytes_table(vocabulary, special_tokens):
+    """Raw bytes of every token: special tokens (and any token outside the
+    byte alphabet) as their UTF-8 text, the rest through the byte table."""
+    byte_decoder = {ch: b for b, ch in enumerate(bytes_to_unicode())}
+    specials = set(special_tokens)
+    table = []
+    for token in vocabulary:
+        if token in specials or any(ch not in byte_decoder for ch in token):
+            table.append(token.encode("utf-8"))
+        else:
+            table.append(bytes(byte_decoder[ch] for ch in token))
+    return table
+
+
+def generation_stop_ids(index, eos_id):
+    """Ids that end generation: eos, then `<|im_end|>` and `<|endoftext|>`
+    when the vocabulary (`index`: token -> id) has them."""
+    stop = [eos_id] + [index.get(t) for t in STOP_TOKEN_STRINGS]
+    return list(dict.fromkeys(i for i in stop if i is not None))
+
+
+def render_chatml(messages, add_generation_prompt=True, system=None):
+    """Formats a conversation as ChatML.
+
+    Each message becomes ``"<|im_start|>{role}\\n{content}<|im_end|>\\n"``.
+    No system message is added unless ``system`` is given.
+
+    Args:
+        messages: ``[{"role": ..., "content": ...}, ...]`` or one user message as a string.
+        add_generation_prompt: Append ``"<|im_start|>assistant\\n"``.
+        system: Optional system message placed first.
+
+    Returns:
+        The prompt text.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    messages = list(messages)
+    if system is not None:
+        if messages and messages[0].get("role") == "system":
+            raise ValueError("`system` given but the messages already start with a system message")
+        messages.insert(0, {"role": "system", "content": system})
+    parts = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if not isinstance(content, str):
+            raise TypeError(f"message content must be a string, got {type(content).__name__}")
+        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+class HostTokenizer:
+    """Byte-level BPE on the host, with the in-graph tokenizer's ids.
+
+    Args:
+        config: the dict in `tokenizer.json` (see the module docstring).
+
+    Attributes:
+        vocabulary_size, bos_id, eos_id, pad_id, unk_id, add_bos,
+        special_token_ids, stop_ids, chat_template, pretokenizer: as in
+        `keras_llm.tokenizer.BytePairTokenizer`.
+
+    Example:
+        >>> tok = HostTokenizer.load(model_dir)
+        >>> tok.encode("Hello, world!")
+        [19556, 28, 905, 17]
+    """
+
+    def __init__(self, config):
+        # Imported here so that reading a tokenizer's metadata costs nothing.
+        import tokenizers  # pylint: disable=import-outside-toplevel
+
+        vocabulary = [str(t) for t in config["vocabulary"]]
+        index = {}
+        for i, token in enumerate(vocabulary):
+            index.setdefault(token, i)
+        specials = list(dict.fromkeys(str(t) for t in config.get("special_tokens") or [] if t))
+        missing = [t for t in specials if t not in index]
+        if missing:
+            raise ValueError(f"special tokens not in vocabulary: {missing}")
+        pretokenizer = config.get("pretokenizer", "smollm")
+        if pretokenizer not in ("smollm", "gpt2"):
+            raise ValueError(f"pretokenizer must be smollm or gpt2, got {pretokenizer!r}")
+        self.vocabulary_size = len(vocabulary)
+        self.bos_id, self.eos_id = config.get("bos_id"), config.get("eos_id")
+        self.pad_id, self.unk_id = config.get("pad_id"), config.get("unk_id")
+        self.add_bos = bool(config.get("add_bos", False))
+        self.chat_template = config.get("chat_template")
+        self.pretokenizer = pretokenizer
+        self.special_token_ids = [index[t] for t in specials]
+        self.stop_ids = generation_stop_ids(index, self.eos_id)
+        self._token_bytes = token_bytes_table(vocabulary, specials)
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                  for m in config["merges"]]
+        model = tokenizers.models.BPE(vocab=index, merges=merges)
+        hf = tokenizers.Tokenizer(model)
+        byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pretokenizer == "smollm":
+            hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+                [tokenizers.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            hf.pre_tokenizer = byte_level
+        hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                               for t in specials])
+        self._hf = hf
+
+    @classmethod
+    def load(cls, directory):
+        """Read `tokenizer.json` from `directory` (or the file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, TOKENIZER_FILE)
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        version = config.pop("format_version", 1)
+        if version != 1:
+            raise ValueError(f"unsupported tokenizer asset format version {version}")
+        return cls(config)
+
+    def encode(self, text, add_bos=None):
+        """Token ids of `text` (with `bos_id` first when `add_bos`)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else bool(add_bos)
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def token_bytes(self, token_id):
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocabulary_size:
+            raise IndexError(f"token id {token_id} outside [0, {self.vocabulary_size})")
+        return self._token_bytes[token_id]
+
+    def decode(self, ids, skip_special_tokens=False):
+        """Text of `ids`; invalid UTF-8 becomes U+FFFD, unknown ids are ignored."""
+        skip = set(self.special_token_ids) if skip_special_tokens else set()
+        table, size = self._token_bytes, self.vocabulary_size
+        data = b"".join(table[i] for i in map(int, ids) if 0 <= i < size and i not in skip)
+        return data.decode("utf-8", errors="replace")
+
+    def stream_decoder(self, skip_special_tokens=False):
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, system=None):
+        return render_chatml(messages, add_generation_prompt, system)

@@ -1,0 +1,275 @@
+"""The runtime: one SamplingParams, the host sampler and tokenizer, sequence
+bookkeeping, the engine over both backends, the artifact cache, cold start."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_llm
+from keras_llm import saving, samplers
+from keras_llm.runtime import artifacts, sampling
+from keras_llm.runtime.engine import Engine, EngineConfig, InvalidRequest
+from keras_llm.runtime.params import InvalidParams, SamplingParams
+from keras_llm.runtime.sequence import Sequence
+from keras_llm.runtime.tokenizer import HostTokenizer
+from keras_llm.runtime.xla import XLABackend
+from tests.helpers import REPO, byte_level_tokenizer, tiny_language_model
+
+
+# ----- SamplingParams ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "finite"),
+    ("temperature", float("inf"), "finite"),
+    ("temperature", -0.1, ">= 0"),
+    ("max_new_tokens", -5, ">= 0"),
+    ("max_new_tokens", 2.5, "integer"),
+    ("max_new_tokens", True, "integer"),
+    ("top_k", -1, ">= 0"),
+    ("top_p", 0.0, r"\(0, 1\]"),
+    ("top_p", 1.5, r"\(0, 1\]"),
+    ("top_p", float("nan"), "finite"),
+    ("stop", ("",), "empty"),
+    ("stop", (3,), "strings"),
+    ("stop_ids", (-1,), "non-negative"),
+])
+def test_sampling_params_reject_bad_values(field, value, message):
+    with pytest.raises(InvalidParams, match=message):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_sampling_params_normalize():
+    params = SamplingParams(max_new_tokens=np.int64(4), temperature=1, stop="end",
+                            stop_ids=[np.int32(7)]).validate()
+    assert (params.max_new_tokens, params.temperature, params.stop, params.stop_ids) == (
+        4, 1.0, ("end",), (7,))
+    assert isinstance(params.max_new_tokens, int) and not params.greedy
+
+
+# ----- sampler ------------------------------------------------------------------
+
+
+def test_host_noise_is_the_graph_noise_bit_for_bit():
+    seeds = np.array([0, 1, 12345, -7, 2 ** 31 - 1], np.int32)
+    steps = np.array([0, 5, 99, 3, 1000], np.int32)
+    expected = samplers.uniform_noise(tf.constant(seeds), tf.constant(steps), 997).numpy()
+    np.testing.assert_array_equal(sampling.uniform_noise(seeds, steps, 997), expected)
+
+
+def test_host_sampler_picks_the_graph_samplers_tokens():
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(64, 300)) * 3).astype(np.float32)
+    temperature = rng.choice([0.0, 0.5, 1.0, 1.7], 64).astype(np.float32)
+    top_k = rng.choice([0, 1, 5, 40], 64).astype(np.int32)
+    top_p = rng.choice([1.0, 0.9, 0.5], 64).astype(np.float32)
+    seeds = rng.integers(0, 1000, 64).astype(np.int32)
+    steps = rng.integers(0, 50, 64).astype(np.int32)
+    expected = samplers.sample_next(tf.constant(logits), tf.constant(temperature),
+                                    tf.constant(top_k), tf.constant(top_p), tf.constant(seeds),
+                                    tf.constant(steps)).numpy()
+    got = sampling.sample(logits, temperature, top_k, top_p, seeds, steps)
+    np.testing.assert_array_equal(got, expected)
+    assert len(set(got[temperature > 0].tolist())) > 10  # it really samples
+
+
+# ----- sequence bookkeeping ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host():
+    return HostTokenizer(byte_level_tokenizer(["h e", "l l", "he ll"]).get_config())
+
+
+def push_all(seq, ids):
+    return "".join(seq.push(t) for t in ids if not seq.done)
+
+
+def test_sequence_stops_on_model_and_request_stop_ids(host):
+    ids = host.encode("hello world")
+    seq = Sequence(SamplingParams(max_new_tokens=50), host.stop_ids, host.stream_decoder())
+    text = push_all(seq, ids[:3] + [host.stop_ids[0]] + ids[3:])
+    assert (seq.finish_reason, seq.tokens, text) == ("stop", ids[:3], host.decode(ids[:3]))
+    extra = max(ids) + 1
+    seq = Sequence(SamplingParams(max_new_tokens=50, ignore_eos=True, stop_ids=(extra,)),
+                   host.stop_ids, host.stream_decoder())
+    push_all(seq, ids[:2] + [host.stop_ids[0]] + ids[2:] + [extra] + ids)
+    assert seq.tokens == ids[:2] + [host.stop_ids[0]] + ids[2:]
+    assert seq.finish_reason == "stop"
+
+
+def test_sequence_holds_back_stop_strings_and_split_characters(host):
+    ids = host.encode("hello 你好 world, and more")
+    full = host.decode(ids)
+    for stop in ("好 w", "d,", "lo", "more"):
+        seq = Sequence(SamplingParams(max_new_tokens=100, stop=(stop, "never")), (),
+                       host.stream_decoder())
+        sent = []
+        for token in ids:
+            if seq.done:
+                break
+            sent.append(seq.push(token))
+        assert seq.finish_reason == "stop" and seq.text == full[:full.index(stop)]
+        assert "".join(sent) == seq.text and all("\ufffd" not in s for s in sent)
+
+
+def test_sequence_length_limit_and_zero(host):
+    ids = host.encode("hello world")
+    seq = Sequence(SamplingParams(max_new_tokens=3), (), host.stream_decoder())
+    assert push_all(seq, ids) == host.decode(ids[:3]) and seq.finish_reason == "length"
+    assert Sequence(SamplingParams(max_new_tokens=0), (), host.stream_decoder()).done
+
+
+# ----- host tokenizer --------------------------------------------------------------
+
+
+def test_host_tokenizer_matches_the_graph_tokenizer():
+    graph = byte_level_tokenizer(["h e", "l l", "he ll", "o w"])
+    host = HostTokenizer(graph.get_config())
+    rng = random.Random(1)
+    alphabet = list("aabclowhet' sS12\n\t\u3000é🤖!") + ["<|im_end|>", "<|im_start|>", "  "]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    assert [host.encode(t) for t in texts] == graph.tokenize(tf.constant(texts)).to_list()
+    assert host.stop_ids == graph.stop_ids and host.pad_id == graph.pad_id
+    ids = host.encode("héllo 🤖")
+    assert host.decode(ids) == graph.decode(ids) == "héllo 🤖"
+    assert host.apply_chat_template("hi", system="be brief") == graph.apply_chat_template(
+        "hi", system="be brief")
+
+
+# ----- the engine over both backends ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    lm = tiny_language_model(seed=8)
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
+    return lm, str(directory)
+
+
+REQUESTS = [("hello", dict(max_new_tokens=9)),
+            ("hello world", dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=4)),
+            ("he", dict(max_new_tokens=6, temperature=0.7, top_p=0.8, seed=1)),
+            ("lll", dict(max_new_tokens=15, stop=("l",)))]
+
+
+def test_backends_give_the_same_tokens_alone_and_batched(tiny_dir):
+    lm, directory = tiny_dir
+    fast = keras_llm.load(directory, backend="litert", progress=False)
+    xla = keras_llm.load(directory, backend="xla", progress=False)
+    assert fast.engine.backend.capabilities.name == "litert"
+    assert xla.engine.backend.capabilities.name == "xla"
+    for prompt, options in REQUESTS:
+        alone = [m.generate(prompt, **options) for m in (fast, xla, lm)]
+        assert alone[0].token_ids == alone[1].token_ids == alone[2].token_ids, prompt
+        assert alone[0].text == alone[1].text
+    # Requests that join and leave each other's batch get the same tokens.
+    for model in (fast, xla):
+        jobs = [model.engine.submit(model.encode(p), model.sampling_params(**o))
+                for p, o in REQUESTS]
+        for job in jobs:
+            model.engine._wait(job)  # pylint: disable=protected-access
+        assert [j.result.token_ids for j in jobs] == [
+            fast.generate(p, **o).token_ids for p, o in REQUESTS]
+
+
+def test_stream_yields_what_generate_returns(tiny_dir):
+    _, directory = tiny_dir
+    lm = keras_llm.load(directory, progress=False)
+    items = list(lm.stream("hello 你好", chat=True, max_new_tokens=12, ignore_eos=True))
+    final = items[-1]
+    assert isinstance(final, keras_llm.Completion)
+    assert "".join(d for d, _ in items[:-1]) == final.text
+    assert [t for _, ids in items[:-1] for t in ids] == final.token_ids
+    assert final.token_ids == lm.generate("hello 你好", chat=True, max_new_tokens=12,
+                                          ignore_eos=True).token_ids
+
+
+def test_engine_refuses_what_does_not_fit(tiny_dir):
+    lm, _ = tiny_dir
+    engine = Engine(XLABackend.from_model(lm.model, max_slots=2), lm.host_tokenizer,
+                    EngineConfig(max_slots=2, max_length=64))
+    for ids, params, message in (([], SamplingParams(), "empty"),
+                                 ([10 ** 6], SamplingParams(), "token ids"),
+                                 ([1] * 60, SamplingParams(max_new_tokens=10), "limit of 64"),
+                                 ([1], SamplingParams(top_p=0.0), "top_p")):
+        with pytest.raises(InvalidRequest, match=message):
+            engine.submit(ids, params)
+
+
+# ----- artifact cache ----------------------------------------------------------------
+
+
+def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_path):
+    lm, _ = tiny_dir
+    directory = str(tmp_path / "m")
+    saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
+    assert artifacts.cached_litert(directory, "float32") is None
+    first = keras_llm.load(directory, progress=False)
+    first.generate("hello", max_new_tokens=2)
+    path = artifacts.cached_litert(directory, "float32")
+    assert path and os.path.dirname(path) == os.path.join(directory, "litert")
+    built = os.stat(path).st_mtime_ns
+    keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
+    assert os.stat(path).st_mtime_ns == built  # reused
+    assert sorted(os.listdir(os.path.dirname(path))) == ["float32.json", "float32.tflite"]
+    # A changed model (here: the weights file rewritten) makes the file stale.
+    os.utime(os.path.join(directory, saving.MODEL_FILE), ns=(built + 10 ** 9, built + 10 ** 9))
+    assert artifacts.cached_litert(directory, "float32") is None
+    keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
+    assert artifacts.cached_litert(directory, "float32") == path
+    assert os.stat(path).st_mtime_ns != built
+    with open(path.replace(".tflite", ".json"), encoding="utf-8") as handle:
+        assert json.load(handle)["key"]["precision"] == "float32"
+
+
+def test_a_failed_conversion_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
+    from keras_llm import litert
+
+    lm, _ = tiny_dir
+    directory = str(tmp_path / "m")
+    saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
+
+    def broken(flatbuffer):
+        raise RuntimeError("converter died")
+
+    monkeypatch.setattr(litert, "fuse_projections", broken)
+    with pytest.raises(RuntimeError, match="converter died"):
+        artifacts.build_litert(directory, lm.model, lm.tokenizer, "float32", progress=False)
+    assert os.listdir(os.path.join(directory, "litert")) == []
+    # "auto" falls back to XLA and still answers.
+    fallback = keras_llm.load(directory, progress=False)
+    assert fallback.generate("hello", max_new_tokens=3).token_ids == lm.generate(
+        "hello", max_new_tokens=3).token_ids
+    assert fallback.engine.backend.capabilities.name == "xla"
+
+
+# ----- cold start ---------------------------------------------------------------------
+
+
+def test_the_litert_route_never_imports_tensorflow(tiny_dir):
+    lm, directory = tiny_dir
+    keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)  # build once
+    expected = lm.generate("hello", max_new_tokens=8).token_ids
+    script = (
+        "import sys, json, keras_llm\n"
+        f"lm = keras_llm.load({directory!r})\n"
+        "ids = lm.generate('hello', max_new_tokens=8).token_ids\n"
+        "print(json.dumps({'ids': ids, 'tf': 'tensorflow' in sys.modules,"
+        " 'keras': 'tf_keras' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, timeout=300, check=True)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record == {"ids": expected, "tf": False, "keras": False}
+    cli = subprocess.run([sys.executable, "-m", "keras_llm.cli", "generate", "--model", directory,
+                          "--prompt", "hello", "--max-new-tokens", "8", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=True)
+    assert json.loads(cli.stdout)["token_ids"] == expected
+    assert cli.stderr == ""  # no native log lines, no warnings
