@@ -1,16 +1,17 @@
 """Decode speed of several models side by side, in one process: the
-original and the outputs of `keras-llm optimize`, measured exactly as the
-optimize report measures a row (same prompts from the evaluation text, same
-Generator or LiteRT runner), with the repeats interleaved across models so
-machine noise hits every model alike. Prints a table with each model's
+original and the outputs of `keras-llm optimize`, measured as the optimize
+report measures a row (same prompts from the evaluation text, through the
+engine), with the repeats interleaved across models so machine noise hits
+every model alike. Prints a table with each model's
 ratio to the first one, and writes JSON.
 
 Usage:
     python -m benchmarks.optimized_speed smollm2 /tmp/student /tmp/int8/model.tflite \\
         --output speed.json
 
-A `.tflite` path is run by `keras_llm.litert.LiteRTRunner`; anything else is
-loaded with `keras_llm.load` and run by the XLA `Generator`.
+A LiteRT file (told by its `TFL3` identifier) runs on the engine's LiteRT
+backend; anything else is loaded with `keras_llm.load` and runs on the
+backend it gets by default (its LiteRT file; XLA for 16-bit models).
 """
 
 import argparse
@@ -21,19 +22,25 @@ import sys
 import numpy as np
 
 
+def _is_litert(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8)[4:8] == b"TFL3"
+    except OSError:
+        return False
+
+
 def _generators(spec, threads):
     """`(label, generate)` for a model spec, `generate(prompts, n) -> tok/s`."""
     from keras_llm.optimize import report  # pylint: disable=import-outside-toplevel
 
-    if spec.endswith(".tflite"):
-        from keras_llm.litert import LiteRTRunner  # pylint: disable=import-outside-toplevel
-        generate = report.runner_decode(LiteRTRunner(spec, num_threads=threads))
+    if _is_litert(spec):
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        generate = report.engine_decode(LiteRTBackend(spec, num_threads=threads))
     else:
         import keras_llm  # pylint: disable=import-outside-toplevel
-        from keras_llm.generation import Generator  # pylint: disable=import-outside-toplevel
-        lm = keras_llm.load(spec, progress=False)
-        pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
-        generate = report.generator_decode(Generator(lm.model, pad_id=pad))
+        lm = keras_llm.load(spec, progress=False, num_threads=threads)
+        generate = report.engine_decode(lm.engine.backend)
     return lambda prompts, n: generate(prompts, n)["decode_tokens_per_s"]
 
 
@@ -54,7 +61,7 @@ def main(argv=None):
     from keras_llm.optimize import evaluation  # pylint: disable=import-outside-toplevel
 
     tokenizer = keras_llm.load(args.models[0], progress=False).tokenizer \
-        if not args.models[0].endswith(".tflite") else None
+        if not _is_litert(args.models[0]) else None
     if tokenizer is None:
         parser.error("the first model must be a preset or model directory (its tokenizer "
                      "makes the prompts)")

@@ -345,15 +345,23 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
     options = {"max_length": max_length, "batch_sizes": sorted(int(b) for b in batch_sizes),
                "lengths": sorted(int(n) for n in lengths), "prefill_length": min(64, max_length)}
     cached = artifacts.cached_litert(lm.source, precision, options) if lm.source else None
-    if cached:  # the model's own LiteRT file was built with these options: reuse it
+    if cached:  # the model's own LiteRT files were built with these options: reuse them
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        shutil.copyfile(cached, path)
+        # float32.tflite, float32.decode_b4.tflite, ... -> model.tflite, model.decode_b4.tflite
+        cached_stem = os.path.basename(cached[0])[:-len(".tflite")]
+        paths = [path[:-len(".tflite")] + os.path.basename(f)[len(cached_stem):] for f in cached]
+        for source, target in zip(cached, paths):
+            shutil.copyfile(source, target)
     else:
-        litert.convert(lm.model, path, quantization=None if precision == "float32" else precision,
-                       max_length=max_length, batch_sizes=batch_sizes,
-                       prefill_length=options["prefill_length"],
-                       calibration_ids=litert.calibration_ids(lm.tokenizer), lengths=lengths)
-    metadata["litert"] = {"file": artifacts.EXPORT_LITERT, "precision": precision,
+        paths = litert.convert(lm.model, path,
+                               quantization=None if precision == "float32" else precision,
+                               max_length=max_length, batch_sizes=batch_sizes,
+                               prefill_length=options["prefill_length"],
+                               calibration_ids=litert.calibration_ids(lm.tokenizer),
+                               lengths=lengths, split=True)
+    metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
+                          "files": [os.path.relpath(p, staging) for p in paths],
+                          "precision": precision,
                           "batch_sizes": sorted(int(b) for b in batch_sizes),
                           "max_length": max_length, "lengths": sorted(int(n) for n in lengths)}
     with open(os.path.join(staging, "assets", METADATA_ASSET), "w", encoding="utf-8") as handle:

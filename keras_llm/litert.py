@@ -51,7 +51,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from keras_llm.layers import KVCacheContext
-from keras_llm.litert_fusion import fuse_projections
+from keras_llm.litert_fusion import fuse_projections, name_signature
 from keras_llm.runtime.litert import LiteRTRunner  # noqa: F401  (re-exported)
 from keras_llm.models import config_from_model, find_layer
 
@@ -259,7 +259,7 @@ def default_lengths(max_length):
 
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=(),
-            fuse=True):
+            fuse=True, split=False):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -279,9 +279,13 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         fuse: stack the projections that read the same activations (query,
             key and value; gate and up) into one matmul each
             (`keras_llm.litert_fusion`); the results are the same.
+        split: write one file per decode signature instead of one file: the
+            prefill and the first decode step in `path`, every other decode
+            step `X` in `<path without .tflite>.X.tflite` (what the runtime
+            uses: each file's weights are prepared only when it is used).
 
     Returns:
-        `path`.
+        `path`, or with `split` the list of files written (`path` first).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -299,7 +303,26 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if quantization == "int8" and smooth_alpha:
         model = smooth(model, calibration_ids, smooth_alpha)
     steps = _StepFunctions(model, max_length, batch_sizes, prefill_length, lengths)
-    functions = [f.get_concrete_function() for f in steps.functions.values()]
+    names = list(steps.functions)
+    if not split:
+        _convert_group(steps, names, path, quantization, fuse)
+        return path
+    # One file per decode signature, the prefill in the first (batch 1, the
+    # shortest cache): an interpreter prepares (packs the weights of) every
+    # signature of its file at once, so a process pays only for the files it
+    # uses, and one answer needs only the first.
+    decoders = [n for n in names if n != "prefill"]
+    groups = [["prefill", decoders[0]]] + [[n] for n in decoders[1:]]
+    stem = path[:-len(".tflite")] if path.endswith(".tflite") else path
+    paths = [path] + [f"{stem}.{group[0]}.tflite" for group in groups[1:]]
+    for group, target in zip(groups, paths):
+        _convert_group(steps, group, target, quantization, fuse)
+    return paths
+
+
+def _convert_group(steps, names, path, quantization, fuse):
+    """Convert the named step functions into one file at `path` (atomically)."""
+    functions = [steps.functions[n].get_concrete_function() for n in names]
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, steps)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantization == "int8":
@@ -308,8 +331,12 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     flatbuffer = converter.convert()
+    # A lone function's signature would be called serving_default: keep its name.
+    key = names[0] if len(names) == 1 else None
     if fuse:
-        flatbuffer = fuse_projections(flatbuffer)
+        flatbuffer = fuse_projections(flatbuffer, signature_key=key)
+    elif key is not None:
+        flatbuffer = name_signature(flatbuffer, key)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".tflite.partial", dir=directory)
@@ -322,4 +349,3 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         if os.path.exists(staging):
             os.remove(staging)
         raise
-    return path

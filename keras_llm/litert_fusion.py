@@ -104,14 +104,32 @@ def _group_key(model, subgraph, op):
             options.asymmetricQuantizeInputs)
 
 
-def fuse_projections(flatbuffer):
-    """Return `flatbuffer` (a .tflite model's bytes) with FULLY_CONNECTED ops
-    that read the same input stacked into one (see the module docstring)."""
+def name_signature(flatbuffer, key):
+    """Return `flatbuffer` with its only signature named `key` (the converter
+    calls a lone function's signature `serving_default`)."""
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    _name_signature(model, key)
+    return flatbuffer_utils.convert_object_to_bytearray(model)
+
+
+def _name_signature(model, key):
+    if len(model.signatureDefs) != 1:
+        raise ValueError(f"expected one signature, found {len(model.signatureDefs)}")
+    model.signatureDefs[0].signatureKey = key.encode("utf-8")
+
+
+def fuse_projections(flatbuffer, signature_key=None):
+    """Return `flatbuffer` (a .tflite model's bytes) with FULLY_CONNECTED ops
+    that read the same input stacked into one (see the module docstring);
+    with `signature_key`, its only signature also gets that name (in the same
+    pass over the file, see `name_signature`)."""
+    model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    if signature_key is not None:
+        _name_signature(model, signature_key)
     fully_connected = {i for i, code in enumerate(model.operatorCodes)
                        if _builtin(code) == schema.BuiltinOperator.FULLY_CONNECTED}
     if not fully_connected:
-        return flatbuffer
+        return flatbuffer_utils.convert_object_to_bytearray(model) if signature_key else flatbuffer
     codes = (_opcode_index(model, schema.BuiltinOperator.SLICE),
              _opcode_index(model, schema.BuiltinOperator.RESHAPE))
     stacked = {}  # original weight buffers -> stacked buffer, shared by subgraphs

@@ -106,15 +106,15 @@ class ExportedModel:
         self.engine.start()
 
     def _backend(self, model):
-        path = os.path.join(self.export_dir, artifacts.EXPORT_LITERT)
+        files = artifacts.export_litert_files(self.export_dir, self.metadata)
         choice = self.config.backend
-        if choice == "litert" and not os.path.isfile(path):
+        if choice == "litert" and not files:
             raise ValueError(f"{self.export_dir} has no LiteRT file (it was exported with "
                              "--no-litert)")
-        if choice != "saved_model" and os.path.isfile(path):
+        if choice != "saved_model" and files:
             from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
             precision = (self.metadata.get("litert") or {}).get("precision", "float32")
-            return LiteRTBackend(path, num_threads=self.config.num_threads or None,
+            return LiteRTBackend(files, num_threads=self.config.num_threads or None,
                                  dtype=precision)
         from keras_llm.runtime.xla import XLABackend  # pylint: disable=import-outside-toplevel
         return XLABackend(self.module.engine, model["vocabulary_size"], self.context_length,

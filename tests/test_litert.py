@@ -235,9 +235,15 @@ def test_export_records_the_litert_file(litert_server):
     _, _, _, path = litert_server
     with open(os.path.join(path, "assets", "keras_llm.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
+    files = meta["litert"].pop("files")
     assert meta["litert"] == {"file": "assets.extra/litert/model.tflite", "precision": "float32",
                               "batch_sizes": [1, 2, 4], "max_length": 128, "lengths": [24, 48]}
-    assert os.path.isfile(os.path.join(path, meta["litert"]["file"]))
+    # One file per decode step; the first also holds the prefill.
+    assert files[0] == meta["litert"]["file"] and len(files) == 3 * 3
+    assert all(os.path.isfile(os.path.join(path, f)) for f in files)
+    runner = litert.LiteRTRunner([os.path.join(path, f) for f in files], num_threads=1)
+    assert set(runner.signatures) == {"prefill"} | {f"decode_b{b}{s}" for b in (1, 2, 4)
+                                                    for s in ("_s24", "_s48", "")}
 
 
 def test_server_uses_litert_and_matches_the_generator(litert_server):

@@ -214,17 +214,25 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
     assert artifacts.cached_litert(directory, "float32") is None
     first = keras_llm.load(directory, progress=False)
     first.generate("hello", max_new_tokens=2)
-    path = artifacts.cached_litert(directory, "float32")
-    assert path and os.path.dirname(path) == os.path.join(directory, "litert")
+    paths = artifacts.cached_litert(directory, "float32")
+    path = paths[0]
+    assert os.path.dirname(path) == os.path.join(directory, "litert")
+    # One file per decode step (batch 1 with the prefill, 4, 16; the tiny
+    # model's 256-position context leaves no shorter cache), and the manifest.
+    assert sorted(os.listdir(os.path.dirname(path))) == [
+        "float32.decode_b16.tflite", "float32.decode_b4.tflite", "float32.json", "float32.tflite"]
     built = os.stat(path).st_mtime_ns
-    keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
+    again = keras_llm.load(directory, progress=False)
+    again.generate("hello", max_new_tokens=2)
     assert os.stat(path).st_mtime_ns == built  # reused
-    assert sorted(os.listdir(os.path.dirname(path))) == ["float32.json", "float32.tflite"]
-    # A changed model (here: the weights file rewritten) makes the file stale.
+    # Only the file a batch of one uses had its weights prepared.
+    runner = again.engine.backend.runner
+    assert [s.allocated for s in runner.signatures.values()].count(True) == 1 + 1
+    # A changed model (here: the weights file rewritten) makes the files stale.
     os.utime(os.path.join(directory, saving.MODEL_FILE), ns=(built + 10 ** 9, built + 10 ** 9))
     assert artifacts.cached_litert(directory, "float32") is None
     keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
-    assert artifacts.cached_litert(directory, "float32") == path
+    assert artifacts.cached_litert(directory, "float32") == paths
     assert os.stat(path).st_mtime_ns != built
     with open(path.replace(".tflite", ".json"), encoding="utf-8") as handle:
         assert json.load(handle)["key"]["precision"] == "float32"
@@ -237,7 +245,7 @@ def test_a_failed_conversion_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
     directory = str(tmp_path / "m")
     saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
 
-    def broken(flatbuffer):
+    def broken(flatbuffer, **_):
         raise RuntimeError("converter died")
 
     monkeypatch.setattr(litert, "fuse_projections", broken)

@@ -148,3 +148,40 @@ def test_sixteen_concurrent_streams_equal_alone(tmp_path):
         assert together == [lm.generate(p, max_new_tokens=12).token_ids for p in prompts]
     finally:
         server.drain(0)
+
+
+def test_every_export_kind_serves_with_default_flags(tmp_path):
+    """Default export, --litert int8, --litert float32 and --no-xla, each
+    served with keras-llm serve's default engine settings (no max_length
+    given: the default is above what the LiteRT files hold)."""
+    import json as json_lib
+
+    from keras_llm.serving.engine import EngineConfig as Defaults
+
+    lm = tiny_language_model(seed=4, merges=["h e"])
+    kinds = {"default": {}, "int8": {"litert": "int8"}, "float32": {"litert": "float32"},
+             "no-xla": {"jit_compile": False, "litert": None}}
+    for name, options in kinds.items():
+        export_model(lm, tmp_path, name, max_new_tokens=8, progress=False, **options)
+    server = Server({name: str(tmp_path / name) for name in kinds}, port=0,
+                    engine_config=Defaults(), poll_seconds=0)
+    try:
+        target = f"127.0.0.1:{server.port}"
+        expected = lm.generate("hello", max_new_tokens=6, stop_ids=()).token_ids
+        with Client(target, timeout=120) as client:
+            for name in kinds:
+                model = server.servables.lookup(name)
+                backend = model.engine.engine.backend.capabilities
+                meta = model.engine.metadata
+                assert backend.name == ("xla" if name == "no-xla" else "litert"), name
+                assert json_lib.dumps({"slots": model.engine.num_slots})  # plain ints
+                summary = client.generate("hello", model_name=name, max_new_tokens=6,
+                                          ignore_eos=True)
+                assert summary.generated_tokens == 6, name
+                if name != "int8":  # float32 everywhere else: the same tokens
+                    assert list(summary.token_ids) == expected, name
+                out = client.predict(name, ["hello"])
+                assert out["num_tokens"][0] >= 1 and out["text"].shape == (1,), name
+                assert meta["xla"] == (name != "no-xla")
+    finally:
+        server.drain(0)

@@ -11,8 +11,8 @@ This module owns the file layout that the rest of keras-llm reads:
   name and renamed into place, so a crash never leaves half a file.
 - A model that is not a directory (a `.gguf`, `.keras` or `.h5` file) keeps
   its artifacts under `$KERAS_LLM_HOME/artifacts/<hash of its path>/`.
-- An export (`keras_llm.export`) carries its LiteRT file at `EXPORT_LITERT`
-  inside the version directory.
+- An export (`keras_llm.export`) carries its LiteRT files beside
+  `EXPORT_LITERT` inside the version directory, listed in its metadata.
 
 Nothing here imports TensorFlow; `build_litert` imports the converter only
 when a file has to be built.
@@ -91,22 +91,28 @@ def litert_paths(source, precision):
 
 
 def cached_litert(source, precision, options=None):
-    """The path of a LiteRT file for `source` that is up to date, or None."""
+    """The LiteRT files (a list, the prefill's first) for `source` that are
+    up to date, or None."""
     options = DEFAULT_LITERT if options is None else options
     path, manifest = litert_paths(source, precision)
-    if not (os.path.isfile(path) and os.path.isfile(manifest)):
+    if not os.path.isfile(manifest):
         return None
     try:
         with open(manifest, encoding="utf-8") as handle:
             recorded = json.load(handle)
     except (OSError, ValueError):
         return None
-    return path if recorded.get("key") == litert_key(source, precision, options) else None
+    if recorded.get("key") != litert_key(source, precision, options):
+        return None
+    files = [os.path.join(os.path.dirname(path), name) for name in recorded.get("files", [])]
+    return files if files and all(os.path.isfile(f) for f in files) else None
 
 
 def build_litert(source, model, tokenizer, precision, options=None, progress=True):
     """Convert `model` (loaded from `source`) and store it as `source`'s
-    LiteRT file; returns the path. Replaces a stale file atomically."""
+    LiteRT files (one per decode signature, `keras_llm.litert.convert`'s
+    `split`); returns their paths. Each file is written atomically and the
+    manifest, which makes them valid, last."""
     from keras_llm import litert  # pylint: disable=import-outside-toplevel  (TensorFlow)
     options = dict(DEFAULT_LITERT if options is None else options)
     path, manifest = litert_paths(source, precision)
@@ -118,21 +124,24 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
               f"once per model, kept in {os.path.dirname(path)} "
               "(about 2-3 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
     context = model_context(model)
-    litert.convert(model, path, quantization=None if precision == "float32" else precision,
+    if os.path.exists(manifest):  # stale: the manifest goes first, then the files
+        os.remove(manifest)
+    paths = litert.convert(model, path, quantization=None if precision == "float32" else precision,
                    max_length=min(options["max_length"], context),
                    batch_sizes=options["batch_sizes"],
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
                    prefill_length=min(options["prefill_length"], context),
                    calibration_ids=litert.calibration_ids(tokenizer) if precision == "int8"
-                   else None)
+                   else None, split=True)
     handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
     with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump({"key": key, "build_s": round(time.perf_counter() - start, 1)}, out, indent=2)
+        json.dump({"key": key, "files": [os.path.basename(p) for p in paths],
+                   "build_s": round(time.perf_counter() - start, 1)}, out, indent=2)
     os.replace(staging, manifest)
     if progress:
-        print(f"keras-llm: LiteRT file ready in {time.perf_counter() - start:.0f}s",
+        print(f"keras-llm: LiteRT files ready in {time.perf_counter() - start:.0f}s",
               file=sys.stderr, flush=True)
-    return path
+    return paths
 
 
 def model_context(model):
@@ -145,9 +154,18 @@ OPTIMIZED_LITERT = "model.tflite"  # what `keras-llm optimize --quantize` writes
 
 def optimized_litert(source, metadata):
     """The int8 LiteRT file `keras-llm optimize --quantize` wrote into a model
-    directory, when `source` is one and its metadata says it is quantized."""
+    directory (as a list of files), when `source` is one and its metadata
+    says it is quantized."""
     path = os.path.join(os.fspath(source), OPTIMIZED_LITERT)
-    return path if precision_of(metadata) == "int8" and os.path.isfile(path) else None
+    return [path] if precision_of(metadata) == "int8" and os.path.isfile(path) else None
+
+
+def export_litert_files(export_dir, metadata):
+    """The LiteRT files of an export version (a list; empty without any)."""
+    record = metadata.get("litert") or {}
+    names = record.get("files") or ([record["file"]] if record.get("file") else [])
+    return [os.path.join(export_dir, name) for name in names
+            if os.path.isfile(os.path.join(export_dir, name))]
 
 
 def precision_of(metadata):

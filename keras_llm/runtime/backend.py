@@ -5,10 +5,11 @@ sequence slots. The engine (`keras_llm.runtime.engine`) owns everything
 else: which request is in which slot, sampling, stops and streaming.
 
     allocate(num_slots, max_length)   size the cache (backends may lower both)
-    prefill(token_ids, slot)          run a whole prompt into a slot -> logits (V,)
+    prefill(token_ids, slot, reserve) run a whole prompt into a slot -> logits (V,);
+                                      `reserve` positions must stay free after it
     step(tokens, rows)                one token for each slot in `rows`, each at
                                       its own position -> (greedy (n,), logits (n, V))
-    prompt_positions(n)               cache positions an n-token prompt takes
+    prompt_positions(n, reserve)      cache positions an n-token prompt takes
 
 Positions are the backend's business (a backend that left-pads prompts to
 shape buckets knows where each row's next token goes); the engine only
@@ -49,13 +50,15 @@ class Backend:
         returns `(num_slots, max_length)` as granted."""
         raise NotImplementedError
 
-    def prompt_positions(self, length):
-        """Cache positions a prompt of `length` tokens occupies."""
+    def prompt_positions(self, length, reserve=0):
+        """Cache positions a prompt of `length` tokens occupies when `reserve`
+        positions must follow it."""
+        del reserve
         return length
 
-    def prefill(self, token_ids, slot):
-        """Run `token_ids` into `slot` (replacing what it held); float32 logits
-        `(V,)` of the last token."""
+    def prefill(self, token_ids, slot, reserve=0):
+        """Run `token_ids` into `slot` (replacing what it held), leaving room
+        for `reserve` more positions; float32 logits `(V,)` of the last token."""
         raise NotImplementedError
 
     def step(self, tokens, rows, need_logits=True):

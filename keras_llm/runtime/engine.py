@@ -181,7 +181,7 @@ class Engine:
             raise InvalidRequest("empty prompt")
         if min(ids) < 0 or max(ids) >= self.vocabulary_size:
             raise InvalidRequest(f"token ids must be in [0, {self.vocabulary_size})")
-        need = self.backend.prompt_positions(len(ids)) + params.max_new_tokens
+        need = self.backend.prompt_positions(len(ids), params.max_new_tokens) + params.max_new_tokens
         if need > self.max_length:
             raise InvalidRequest(
                 f"prompt of {len(ids)} tokens plus {params.max_new_tokens} new tokens exceeds "
@@ -314,7 +314,7 @@ class Engine:
         if request.sequence.done:  # max_new_tokens == 0
             self._finish(None, "length", request=request)
             return
-        logits = self.backend.prefill(request.prompt_ids, index)
+        logits = self.backend.prefill(request.prompt_ids, index, request.params.max_new_tokens)
         self._slots[index] = request
         p = request.params
         token = sample(logits[np.newaxis], p.temperature, p.top_k, p.top_p, p.seed, 0)[0]

@@ -31,14 +31,24 @@ class _Signature:
         self.subgraph = self._wrapper.GetSubgraphIndexFromSignature(key)
         self._inputs = definition["inputs"]
         self._outputs = definition["outputs"]
-        self._wrapper.AllocateTensors(self.subgraph)
         self.batch_size = self.shape("tokens")[0]
         self.length = self.shape("k_0")[2]  # cache positions
         self.views = {}
+        self.allocated = False
+
+    def allocate(self):
+        """Allocate the subgraph's tensors. An interpreter's first allocation
+        applies the XNNPACK delegate to (and packs the weights of) every
+        signature of its file."""
+        self._wrapper.AllocateTensors(self.subgraph)
+        self.allocated = True
+
+    @property
+    def interpreter(self):
+        return self._base
 
     def bind(self):
-        """Take views of every input and output (after the first invoke,
-        which applies the XNNPACK delegate)."""
+        """Take views of every input and output (after the first invoke)."""
         for name, index in list(self._inputs.items()) + list(self._outputs.items()):
             self.views[name] = self._wrapper.tensor(self._base, index, self.subgraph)
 
@@ -55,11 +65,13 @@ class _Signature:
 
 
 class LiteRTRunner:
-    """Runs a file written by `convert`: greedy generation and teacher-forced
-    logits, with each decode batch size's KV cache in its interpreter buffers.
+    """Runs what `keras_llm.litert.convert` wrote (one file, or the files of a
+    split conversion): prefill, decode steps and teacher-forced logits, with
+    each decode signature's KV cache in its interpreter's buffers.
 
     Args:
-        path: the `.tflite` file.
+        path: the `.tflite` file, or a list of files (the first holding the
+            prefill); their signatures are used as one set.
         num_threads: XNNPACK threads (default: every CPU core).
 
     Attributes:
@@ -67,23 +79,36 @@ class LiteRTRunner:
         lengths: the cache lengths of its decode steps (the last is `max_length`).
         max_length: cache positions per sequence.
         prefill_length: tokens per prefill call.
+
+    Opening the files costs little (they are memory-mapped); a signature is
+    prepared on first use (`ready`), so a file none of whose signatures runs
+    never has its weights packed.
     """
 
     def __init__(self, path, num_threads=None):
         from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no LiteRT file at {path}")
-        self.path = path
-        self.interpreter = Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
-        definitions = self.interpreter._get_full_signature_list()  # pylint: disable=protected-access
-        if "prefill" not in definitions:
-            raise ValueError(f"{path} was not written by keras_llm.litert.convert")
-        self.signatures = {key: _Signature(self.interpreter, key, d)
-                           for key, d in definitions.items()}
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        for file in paths:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"no LiteRT file at {file}")
+        self.path, self.paths = paths[0], paths
+        self.signatures = {}
+        self.interpreters = []
+        for file in paths:
+            interpreter = Interpreter(model_path=os.fspath(file),
+                                      num_threads=num_threads or os.cpu_count())
+            self.interpreters.append(interpreter)
+            definitions = interpreter._get_full_signature_list()  # pylint: disable=protected-access
+            for key, definition in definitions.items():
+                if key in self.signatures:
+                    raise ValueError(f"signature {key} appears in more than one file")
+                self.signatures[key] = _Signature(interpreter, key, definition)
+        if "prefill" not in self.signatures:
+            raise ValueError(f"{paths[0]} was not written by keras_llm.litert.convert")
         prefill = self.signatures["prefill"]
         self.prefill_length = prefill.shape("tokens")[1]
         _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
-        self.num_layers = sum(name.startswith("k_") for name in definitions["prefill"]["inputs"])
+        self.num_layers = sum(name.startswith("k_") for name in prefill._inputs)  # pylint: disable=protected-access
         self.decoders = {(sig.batch_size, sig.length): sig
                          for key, sig in self.signatures.items() if key.startswith("decode_b")}
         self.batch_sizes = sorted({batch for batch, _ in self.decoders})
@@ -91,12 +116,15 @@ class LiteRTRunner:
         self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
         self.ready(self.signatures["prefill"])
 
-    @staticmethod
-    def ready(signature):
-        """Prepare a signature on first use: the first invoke applies the
-        XNNPACK delegate (packing its weights), after which its buffers are
-        final. Signatures nobody uses cost neither time nor memory."""
+    def ready(self, signature):
+        """Prepare a signature on first use: allocate every signature of its
+        file (the first allocation packs the file's weights), then invoke it
+        once, after which its buffers are final."""
         if not signature.views:
+            if not signature.allocated:
+                for other in self.signatures.values():
+                    if other.interpreter is signature.interpreter:
+                        other.allocate()
             signature.zero_inputs()
             signature.run()
             signature.bind()
@@ -227,7 +255,8 @@ class LiteRTBackend(Backend):
             self.active = chosen
         return chosen
 
-    def prefill(self, token_ids, slot):
+    def prefill(self, token_ids, slot, reserve=0):
+        del reserve  # no padding: a prompt takes exactly its length
         ids = np.asarray(token_ids, np.int32).reshape(-1)
         # Never shrink here: the active signature holds the other busy rows.
         rows, length = slot + 1, len(ids) + 1

@@ -187,13 +187,15 @@ class XLABackend(Backend):
         self.capabilities.row_counts = tuple(counts + [num_slots])
         return num_slots, max_length
 
-    def prompt_positions(self, length):
+    def prompt_positions(self, length, reserve=0):
+        # Left-padded to the bucket (one compiled prefill per bucket), unless
+        # the padding would not leave room: then exactly (one more compile).
         padded = _round_up(length, self.prompt_bucket)
-        return padded if padded < getattr(self, "max_length", padded + 1) else length
+        return padded if padded + reserve <= getattr(self, "max_length", padded) else length
 
-    def prefill(self, token_ids, slot):
+    def prefill(self, token_ids, slot, reserve=0):
         ids = np.asarray(token_ids, np.int32).reshape(-1)
-        padded_length = self.prompt_positions(len(ids))
+        padded_length = self.prompt_positions(len(ids), reserve)
         padded = np.zeros([1, padded_length], np.int32)
         padded[0, padded_length - len(ids):] = ids
         key_start = padded_length - len(ids)

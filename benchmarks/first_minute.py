@@ -1,0 +1,135 @@
+"""What a new user meets first, measured side by side: README's main job in a
+fresh process against llama.cpp in a fresh process, `keras-llm serve` from
+start to SERVING on an export, and concurrent TF Serving `Predict` calls and
+`Generate` streams through the server.
+
+    python -m benchmarks.first_minute cli --gguf smollm2-f32.gguf [--rounds 3]
+    python -m benchmarks.first_minute serve --model_base_path DIR --model_name NAME \\
+        [--streams 16] [--new-tokens 128]
+
+Each figure is a median over rounds; the CLI rounds alternate keras-llm and
+llama.cpp so that machine noise hits both alike. Prints one JSON object.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+QUESTION = "What is the capital of France?"
+
+LLAMA_CHAT = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_ctx=1024, verbose=False)
+out = llm.create_chat_completion(messages=[{"role": "user", "content": sys.argv[2]}],
+                                 max_tokens=128, temperature=0.0)
+print(out["choices"][0]["message"]["content"])
+"""
+
+
+def _wall(command):
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed: {proc.stderr[-1500:]}")
+    return wall, proc.stdout.strip(), proc.stderr.strip()
+
+
+def cli(args):
+    ours = ["keras-llm", "generate", "--model", args.model, "--chat", "--prompt", QUESTION]
+    theirs = [sys.executable, "-c", LLAMA_CHAT, args.gguf, QUESTION]
+    _wall(ours)  # caches warm (and the LiteRT file built) before timing
+    rows = {"keras-llm": [], "llama.cpp": []}
+    answers = {}
+    for _ in range(args.rounds):
+        for name, command in (("keras-llm", ours), ("llama.cpp", theirs)):
+            wall, out, err = _wall(command)
+            rows[name].append(wall)
+            answers[name] = out
+            if name == "keras-llm" and err:
+                answers["keras-llm stderr"] = err
+    medians = {k: statistics.median(v) for k, v in rows.items()}
+    return {"wall_s": rows, "median_s": medians,
+            "ratio_keras_llm_to_llama_cpp": medians["keras-llm"] / medians["llama.cpp"],
+            "answers": answers}
+
+
+def serve(args):
+    from benchmarks import bench_serving  # pylint: disable=import-outside-toplevel
+    from benchmarks.common import prompt_ids  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime.tokenizer import HostTokenizer  # pylint: disable=import-outside-toplevel
+    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
+
+    import os  # pylint: disable=import-outside-toplevel
+    versions = sorted(int(v) for v in os.listdir(os.path.join(args.model_base_path,
+                                                              args.model_name)) if v.isdigit())
+    tokenizer = HostTokenizer.load(os.path.join(args.model_base_path, args.model_name,
+                                                str(versions[-1]), "assets"))
+    port = bench_serving.free_port()
+    start = time.perf_counter()
+    proc = bench_serving.start_server(args.model_base_path, args.model_name, port,
+                                      args.streams, 1024)
+    serving_s = time.perf_counter() - start
+    target = f"127.0.0.1:{port}"
+    prompts = [prompt_ids(tokenizer, 32, offset=5 * i) for i in range(args.streams)]
+    texts = [tokenizer.decode(p) for p in prompts]
+    result = {"time_to_serving_s": serving_s, "streams": args.streams,
+              "new_tokens": args.new_tokens}
+    try:
+        def predict(text):
+            with Client(target, timeout=900) as client:
+                out = client.predict(args.model_name, [text], signature_name="generate",
+                                     max_new_tokens=np.array([args.new_tokens], np.int32),
+                                     temperature=np.zeros([1], np.float32),
+                                     top_p=np.ones([1], np.float32),
+                                     top_k=np.zeros([1], np.int32), seed=np.zeros([1], np.int32))
+                return int(out["num_tokens"][0])
+
+        def generate(ids):
+            with Client(target, timeout=900) as client:
+                return client.generate(ids, max_new_tokens=args.new_tokens,
+                                       ignore_eos=True).generated_tokens
+
+        for name, call, items in (("predict", predict, texts), ("generate", generate, prompts)):
+            call(items[0])  # warm
+            rates = []
+            for _ in range(args.rounds):
+                begin = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+                    tokens = sum(pool.map(call, items))
+                rates.append(tokens / (time.perf_counter() - begin))
+            result[f"{name}_aggregate_tokens_per_s"] = {
+                "median": statistics.median(rates), "runs": rates}
+    finally:
+        bench_serving.stop_server(proc)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("cli")
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--gguf", required=True, help="llama.cpp's GGUF of the same weights (F32)")
+    c.add_argument("--rounds", type=int, default=3)
+    s = commands.add_parser("serve")
+    s.add_argument("--model_base_path", required=True)
+    s.add_argument("--model_name", required=True)
+    s.add_argument("--streams", type=int, default=16)
+    s.add_argument("--new-tokens", type=int, default=128)
+    s.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    result = cli(args) if args.command == "cli" else serve(args)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
