@@ -51,7 +51,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from keras_llm.layers import KVCacheContext
-from keras_llm.litert_fusion import fuse_projections, name_signature
+from keras_llm.litert_fusion import fuse_projections, split_signatures
 from keras_llm.runtime.litert import LiteRTRunner  # noqa: F401  (re-exported)
 from keras_llm.models import config_from_model, find_layer
 
@@ -279,10 +279,10 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         fuse: stack the projections that read the same activations (query,
             key and value; gate and up) into one matmul each
             (`keras_llm.litert_fusion`); the results are the same.
-        split: write one file per decode signature instead of one file: the
-            prefill and the first decode step in `path`, every other decode
-            step `X` in `<path without .tflite>.X.tflite` (what the runtime
-            uses: each file's weights are prepared only when it is used).
+        split: write one file per signature instead of one file: the
+            prefill in `path`, each decode step `X` in
+            `<path without .tflite>.X.tflite` (what the runtime uses: each
+            file's weights are prepared only when it is used).
 
     Returns:
         `path`, or with `split` the list of files written (`path` first).
@@ -303,26 +303,7 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if quantization == "int8" and smooth_alpha:
         model = smooth(model, calibration_ids, smooth_alpha)
     steps = _StepFunctions(model, max_length, batch_sizes, prefill_length, lengths)
-    names = list(steps.functions)
-    if not split:
-        _convert_group(steps, names, path, quantization, fuse)
-        return path
-    # One file per decode signature, the prefill in the first (batch 1, the
-    # shortest cache): an interpreter prepares (packs the weights of) every
-    # signature of its file at once, so a process pays only for the files it
-    # uses, and one answer needs only the first.
-    decoders = [n for n in names if n != "prefill"]
-    groups = [["prefill", decoders[0]]] + [[n] for n in decoders[1:]]
-    stem = path[:-len(".tflite")] if path.endswith(".tflite") else path
-    paths = [path] + [f"{stem}.{group[0]}.tflite" for group in groups[1:]]
-    for group, target in zip(groups, paths):
-        _convert_group(steps, group, target, quantization, fuse)
-    return paths
-
-
-def _convert_group(steps, names, path, quantization, fuse):
-    """Convert the named step functions into one file at `path` (atomically)."""
-    functions = [steps.functions[n].get_concrete_function() for n in names]
+    functions = [f.get_concrete_function() for f in steps.functions.values()]
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, steps)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantization == "int8":
@@ -331,18 +312,30 @@ def _convert_group(steps, names, path, quantization, fuse):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     flatbuffer = converter.convert()
-    # A lone function's signature would be called serving_default: keep its name.
-    key = names[0] if len(names) == 1 else None
     if fuse:
-        flatbuffer = fuse_projections(flatbuffer, signature_key=key)
-    elif key is not None:
-        flatbuffer = name_signature(flatbuffer, key)
+        flatbuffer = fuse_projections(flatbuffer)
+    if not split:
+        _write(path, flatbuffer)
+        return path
+    # One file per signature, the prefill's first: an interpreter prepares
+    # (packs the weights of) every signature of its file at once, so a
+    # process pays only for the files it uses (a short answer: one).
+    groups = [["prefill"]] + [[n] for n in steps.functions if n != "prefill"]
+    stem = path[:-len(".tflite")] if path.endswith(".tflite") else path
+    paths = [path] + [f"{stem}.{group[0]}.tflite" for group in groups[1:]]
+    for target, data in zip(paths, split_signatures(flatbuffer, groups)):
+        _write(target, data)
+    return paths
+
+
+def _write(path, data):
+    """Write `data` to `path` atomically (a staging file renamed into place)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".tflite.partial", dir=directory)
     try:
         with os.fdopen(handle, "wb") as out:
-            out.write(flatbuffer)
+            out.write(data)
         os.chmod(staging, 0o644)
         os.replace(staging, path)
     except BaseException:

@@ -18,11 +18,19 @@ output is the same column of the same dot products as before, so the
 results are bit-identical. The stacked weights replace the originals in the
 file (a weight shared by several signatures is stacked once).
 
+`split_signatures` cuts one converted file into several, each holding some
+of its signatures with only the weights those read. An interpreter prepares
+(packs for XNNPACK) every signature of its file when it first allocates, so
+one file per decode step lets a process pay only for the steps it runs, at
+the cost of one conversion, not one per file.
+
 Example:
     >>> fused = fuse_projections(converter.convert())
+    >>> first, rest = split_signatures(fused, [["prefill", "decode_b1"], ["decode_b4"]])
 """
 
 import collections
+import copy
 
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
@@ -104,32 +112,14 @@ def _group_key(model, subgraph, op):
             options.asymmetricQuantizeInputs)
 
 
-def name_signature(flatbuffer, key):
-    """Return `flatbuffer` with its only signature named `key` (the converter
-    calls a lone function's signature `serving_default`)."""
-    model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
-    _name_signature(model, key)
-    return flatbuffer_utils.convert_object_to_bytearray(model)
-
-
-def _name_signature(model, key):
-    if len(model.signatureDefs) != 1:
-        raise ValueError(f"expected one signature, found {len(model.signatureDefs)}")
-    model.signatureDefs[0].signatureKey = key.encode("utf-8")
-
-
-def fuse_projections(flatbuffer, signature_key=None):
+def fuse_projections(flatbuffer):
     """Return `flatbuffer` (a .tflite model's bytes) with FULLY_CONNECTED ops
-    that read the same input stacked into one (see the module docstring);
-    with `signature_key`, its only signature also gets that name (in the same
-    pass over the file, see `name_signature`)."""
+    that read the same input stacked into one (see the module docstring)."""
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
-    if signature_key is not None:
-        _name_signature(model, signature_key)
     fully_connected = {i for i, code in enumerate(model.operatorCodes)
                        if _builtin(code) == schema.BuiltinOperator.FULLY_CONNECTED}
     if not fully_connected:
-        return flatbuffer_utils.convert_object_to_bytearray(model) if signature_key else flatbuffer
+        return flatbuffer
     codes = (_opcode_index(model, schema.BuiltinOperator.SLICE),
              _opcode_index(model, schema.BuiltinOperator.RESHAPE))
     stacked = {}  # original weight buffers -> stacked buffer, shared by subgraphs
@@ -158,6 +148,42 @@ def fuse_projections(flatbuffer, signature_key=None):
     for index in replaced - used:
         model.buffers[index].data = None
     return flatbuffer_utils.convert_object_to_bytearray(model)
+
+
+def split_signatures(flatbuffer, groups):
+    """Files of `flatbuffer`'s signatures, one per group of signature keys.
+
+    Each file keeps the subgraphs of its group's signatures (renumbered), the
+    operator codes, and the data of the buffers its tensors use; every other
+    buffer is left empty. Returns the files' bytes in the order of `groups`.
+    """
+    model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    by_key = {d.signatureKey.decode(): d for d in model.signatureDefs}
+    missing = [k for group in groups for k in group if k not in by_key]
+    if missing:
+        raise ValueError(f"no signatures {missing} in the file (it has {sorted(by_key)})")
+    subgraphs, signatures = model.subgraphs, model.signatureDefs
+    data = [buffer.data for buffer in model.buffers]
+    keep_always = {0} | {m.buffer for m in (model.metadata or [])}
+    files = []
+    try:
+        for group in groups:
+            chosen = [by_key[k] for k in group]
+            model.subgraphs = [subgraphs[d.subgraphIndex] for d in chosen]
+            model.signatureDefs = []
+            for index, definition in enumerate(chosen):
+                renumbered = copy.copy(definition)
+                renumbered.subgraphIndex = index
+                model.signatureDefs.append(renumbered)
+            used = keep_always | {t.buffer for g in model.subgraphs for t in g.tensors}
+            for index, buffer in enumerate(model.buffers):
+                buffer.data = data[index] if index in used else None
+            files.append(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    finally:
+        model.subgraphs, model.signatureDefs = subgraphs, signatures
+        for buffer, value in zip(model.buffers, data):
+            buffer.data = value
+    return files
 
 
 def _drop_tensors(model, subgraph_index, candidates):

@@ -71,6 +71,8 @@ class ExportedModel:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         import tensorflow_text  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
+        from keras_llm.runtime.xla import use_persistent_cache  # pylint: disable=import-outside-toplevel
+        use_persistent_cache(artifacts.xla_cache_dir())  # an XLA backend compiles once per machine
         self.config = config = config or EngineConfig()
         if config.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")

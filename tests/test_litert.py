@@ -238,8 +238,8 @@ def test_export_records_the_litert_file(litert_server):
     files = meta["litert"].pop("files")
     assert meta["litert"] == {"file": "assets.extra/litert/model.tflite", "precision": "float32",
                               "batch_sizes": [1, 2, 4], "max_length": 128, "lengths": [24, 48]}
-    # One file per decode step; the first also holds the prefill.
-    assert files[0] == meta["litert"]["file"] and len(files) == 3 * 3
+    # One file per step, the prefill's first.
+    assert files[0] == meta["litert"]["file"] and len(files) == 1 + 3 * 3
     assert all(os.path.isfile(os.path.join(path, f)) for f in files)
     runner = litert.LiteRTRunner([os.path.join(path, f) for f in files], num_threads=1)
     assert set(runner.signatures) == {"prefill"} | {f"decode_b{b}{s}" for b in (1, 2, 4)
@@ -275,3 +275,31 @@ def test_litert_backend_requires_the_file(tmp_path):
                         litert=None)
     with pytest.raises(ValueError, match="no LiteRT file"):
         ExportedModel(path, EngineConfig(backend="litert"))
+
+
+def test_split_files_hold_only_their_signatures_and_give_the_same_results(model, tmp_path):
+    from keras_llm.litert_fusion import split_signatures
+
+    whole = litert.convert(model, str(tmp_path / "whole.tflite"), batch_sizes=(1, 2),
+                           max_length=MAX_LENGTH, prefill_length=16, lengths=(32,))
+    paths = litert.convert(model, str(tmp_path / "split.tflite"), batch_sizes=(1, 2),
+                           max_length=MAX_LENGTH, prefill_length=16, lengths=(32,), split=True)
+    assert [os.path.basename(p) for p in paths] == [
+        "split.tflite", "split.decode_b1_s32.tflite", "split.decode_b1.tflite",
+        "split.decode_b2_s32.tflite", "split.decode_b2.tflite"]
+    listed = {os.path.basename(p): set(Interpreter(model_path=p).get_signature_list())
+              for p in paths}
+    assert listed["split.tflite"] == {"prefill"}
+    assert listed["split.decode_b1_s32.tflite"] == {"decode_b1_s32"}
+    assert listed["split.decode_b2.tflite"] == {"decode_b2"}
+    # A decode-only file carries the weights once, not the whole file's.
+    assert os.path.getsize(paths[-1]) < 0.8 * os.path.getsize(whole)
+    ids = np.random.default_rng(9).integers(0, 200, size=(2, 21)).astype(np.int32)
+    split_runner = litert.LiteRTRunner(paths, num_threads=1)
+    np.testing.assert_array_equal(split_runner(ids), litert.LiteRTRunner(whole, num_threads=1)(ids))
+    prompts = [list(ids[0, :9]), list(ids[1, :4])]
+    assert (engine_greedy(LiteRTBackend(paths, num_threads=1), prompts, 40)
+            == engine_greedy(LiteRTBackend(whole, num_threads=1), prompts, 40))
+    with open(whole, "rb") as handle:
+        with pytest.raises(ValueError, match="no signatures"):
+            split_signatures(handle.read(), [["decode_b9"]])

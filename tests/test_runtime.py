@@ -217,17 +217,22 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
     paths = artifacts.cached_litert(directory, "float32")
     path = paths[0]
     assert os.path.dirname(path) == os.path.join(directory, "litert")
-    # One file per decode step (batch 1 with the prefill, 4, 16; the tiny
-    # model's 256-position context leaves no shorter cache), and the manifest.
+    # One file per step (the prefill, decode for 1, 4, 16; the tiny model's
+    # 256-position context leaves no shorter cache), and the manifest.
     assert sorted(os.listdir(os.path.dirname(path))) == [
-        "float32.decode_b16.tflite", "float32.decode_b4.tflite", "float32.json", "float32.tflite"]
+        "float32.decode_b1.tflite", "float32.decode_b16.tflite", "float32.decode_b4.tflite",
+        "float32.json", "float32.tflite"]
     built = os.stat(path).st_mtime_ns
     again = keras_llm.load(directory, progress=False)
     again.generate("hello", max_new_tokens=2)
     assert os.stat(path).st_mtime_ns == built  # reused
-    # Only the file a batch of one uses had its weights prepared.
+    # One short answer prepares one file: its prompt ran through the decode step.
     runner = again.engine.backend.runner
-    assert [s.allocated for s in runner.signatures.values()].count(True) == 1 + 1
+    assert [k for k, s in runner.signatures.items() if s.allocated] == ["decode_b1"]
+    long_prompt = "hello world " * 6  # past SHORT_PROMPT tokens: the prefill step
+    assert again.generate(long_prompt, max_new_tokens=3).token_ids == lm.generate(
+        long_prompt, max_new_tokens=3).token_ids
+    assert runner.signatures["prefill"].allocated
     # A changed model (here: the weights file rewritten) makes the files stale.
     os.utime(os.path.join(directory, saving.MODEL_FILE), ns=(built + 10 ** 9, built + 10 ** 9))
     assert artifacts.cached_litert(directory, "float32") is None
@@ -245,7 +250,7 @@ def test_a_failed_conversion_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
     directory = str(tmp_path / "m")
     saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
 
-    def broken(flatbuffer, **_):
+    def broken(flatbuffer):
         raise RuntimeError("converter died")
 
     monkeypatch.setattr(litert, "fuse_projections", broken)

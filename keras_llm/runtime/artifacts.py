@@ -36,6 +36,7 @@ EXPORT_METADATA = os.path.join("assets", "keras_llm.json")
 # steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
 # and a 64-token prefill. Signatures are prepared on first use, so one
 # answer from the CLI pays for the two it runs, not for all seven.
+LITERT_LAYOUT = 2  # one file per signature (`keras_llm.litert.convert(split=True)`)
 DEFAULT_LITERT = {"max_length": 1024, "batch_sizes": [1, 4, 16], "lengths": [256],
                   "prefill_length": 64}
 
@@ -63,6 +64,11 @@ def artifact_dir(source):
     return os.path.join(home(), "artifacts", digest, "litert")
 
 
+def xla_cache_dir():
+    """Where XLA's persistent compilation cache lives (keyed by XLA itself)."""
+    return os.path.join(home(), "xla")
+
+
 def _version(package):
     try:
         return importlib.metadata.version(package)
@@ -79,7 +85,8 @@ def litert_key(source, precision, options):
     """What a LiteRT file built from `source` depends on."""
     from keras_llm import __version__  # pylint: disable=import-outside-toplevel
     weights = os.stat(_weights_file(source))
-    return {"weights_size": weights.st_size, "weights_mtime_ns": weights.st_mtime_ns,
+    return {"layout": LITERT_LAYOUT,
+            "weights_size": weights.st_size, "weights_mtime_ns": weights.st_mtime_ns,
             "keras_llm": __version__, "tensorflow": _version("tensorflow"),
             "precision": precision, "options": dict(sorted(options.items()))}
 
@@ -122,7 +129,7 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
     if progress:
         print(f"keras-llm: converting the model to LiteRT ({precision}) for fast decoding; "
               f"once per model, kept in {os.path.dirname(path)} "
-              "(about 2-3 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
+              "(about 5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
     context = model_context(model)
     if os.path.exists(manifest):  # stale: the manifest goes first, then the files
         os.remove(manifest)

@@ -17,6 +17,11 @@ import numpy as np
 
 from keras_llm.runtime.backend import Backend, Capabilities
 
+# Prompts up to this many tokens may run through the decode step instead of
+# the prefill step (see `LiteRTBackend.prefill`): about where preparing the
+# prefill's weights (0.3 s for SmolLM2) stops paying for itself.
+SHORT_PROMPT = 24
+
 
 class _Signature:
     """One signature's subgraph with persistent numpy views of its buffers.
@@ -53,12 +58,13 @@ class _Signature:
             self.views[name] = self._wrapper.tensor(self._base, index, self.subgraph)
 
     def shape(self, name):
-        return tuple(self._wrapper.TensorSize(self._inputs[name], self.subgraph))
+        """An input's or output's shape (known before allocation)."""
+        index = self._inputs[name] if name in self._inputs else self._outputs[name]
+        return tuple(self._wrapper.TensorSize(index, self.subgraph))
 
     def zero_inputs(self):
-        for name, index in self._inputs.items():
-            value = self._wrapper.GetTensor(index, self.subgraph)
-            self._wrapper.SetTensor(index, np.zeros_like(value), self.subgraph)
+        for name in self._inputs:
+            self.views[name][...] = 0
 
     def run(self):
         self._wrapper.Invoke(self.subgraph)
@@ -114,19 +120,17 @@ class LiteRTRunner:
         self.batch_sizes = sorted({batch for batch, _ in self.decoders})
         self.lengths = sorted({length for _, length in self.decoders})
         self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
-        self.ready(self.signatures["prefill"])
 
     def ready(self, signature):
         """Prepare a signature on first use: allocate every signature of its
-        file (the first allocation packs the file's weights), then invoke it
-        once, after which its buffers are final."""
+        file (the first allocation applies the XNNPACK delegate and packs the
+        file's weights; the buffers are final after it), then take views of
+        its buffers and zero its inputs (they start uninitialized)."""
         if not signature.views:
             if not signature.allocated:
                 for other in self.signatures.values():
                     if other.interpreter is signature.interpreter:
                         other.allocate()
-            signature.zero_inputs()
-            signature.run()
             signature.bind()
             signature.zero_inputs()
         return signature
@@ -166,7 +170,7 @@ class LiteRTRunner:
             raise ValueError(f"sequence of {len(ids)} tokens from position {start}; this file "
                              f"holds {self.max_length} positions")
         offset = start
-        step = self.signatures["prefill"]
+        step = self.ready(self.signatures["prefill"])
         views, width = step.views, self.prefill_length
         pieces = []
         for first in range(0, len(ids), width):
@@ -233,7 +237,7 @@ class LiteRTBackend(Backend):
         self.runner = (path if isinstance(path, LiteRTRunner)
                        else LiteRTRunner(path, num_threads=num_threads))
         r = self.runner
-        vocabulary = int(r.signatures["prefill"].views["logits"].shape[-1])
+        vocabulary = int(r.signatures["prefill"].shape("logits")[-1])
         self.capabilities = Capabilities("litert", int(r.batch_sizes[-1]), int(r.max_length),
                                          vocabulary, dtype, tuple(int(b) for b in r.batch_sizes))
         self.active = None
@@ -264,9 +268,19 @@ class LiteRTBackend(Backend):
             rows = max(rows, self.active.batch_size)
             length = max(length, self.active.length)
         target = self._activate(rows, length)
-        logits = self.runner.prefill(ids, [(target, slot)])
+        prefill = self.runner.signatures["prefill"]
+        if target.batch_size == 1 and not prefill.views and len(ids) <= SHORT_PROMPT:
+            # Alone, with a short prompt, before the prefill step was ever
+            # needed: feed the prompt through the decode step one token at a
+            # time rather than prepare the prefill's weights (a process that
+            # answers one question then packs one copy of the weights).
+            for position, token in enumerate(ids):
+                self.runner.step(target, ids[position:position + 1], [position])
+            logits = target.views["logits"][0]
+        else:
+            logits = self.runner.prefill(ids, [(target, slot)])
         self._positions[slot] = len(ids)
-        return np.asarray(logits, np.float32)
+        return np.array(logits, np.float32)
 
     def step(self, tokens, rows, need_logits=True):
         rows = np.asarray(rows, np.int64)

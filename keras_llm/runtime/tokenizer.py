@@ -174,7 +174,11 @@ class HostTokenizer:
         self.pretokenizer = pretokenizer
         self.special_token_ids = [index[t] for t in specials]
         self.stop_ids = generation_stop_ids(index, self.eos_id)
-        self._token_bytes = token_bytes_table(vocabulary, specials)
+        # Each token's bytes are worked out when it is first decoded (the
+        # whole table would cost a tenth of a second at start-up).
+        self._vocabulary, self._specials = vocabulary, set(specials)
+        self._byte_decoder = {ch: b for b, ch in enumerate(bytes_to_unicode())}
+        self._token_bytes = [None] * len(vocabulary)
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
                   for m in config["merges"]]
         model = tokenizers.models.BPE(vocab=index, merges=merges)
@@ -214,13 +218,22 @@ class HostTokenizer:
         token_id = int(token_id)
         if not 0 <= token_id < self.vocabulary_size:
             raise IndexError(f"token id {token_id} outside [0, {self.vocabulary_size})")
-        return self._token_bytes[token_id]
+        data = self._token_bytes[token_id]
+        if data is None:
+            token, table = self._vocabulary[token_id], self._byte_decoder
+            if token in self._specials or any(ch not in table for ch in token):
+                data = token.encode("utf-8")
+            else:
+                data = bytes(table[ch] for ch in token)
+            self._token_bytes[token_id] = data
+        return data
 
     def decode(self, ids, skip_special_tokens=False):
         """Text of `ids`; invalid UTF-8 becomes U+FFFD, unknown ids are ignored."""
         skip = set(self.special_token_ids) if skip_special_tokens else set()
-        table, size = self._token_bytes, self.vocabulary_size
-        data = b"".join(table[i] for i in map(int, ids) if 0 <= i < size and i not in skip)
+        size = self.vocabulary_size
+        data = b"".join(self.token_bytes(i) for i in map(int, ids)
+                        if 0 <= i < size and i not in skip)
         return data.decode("utf-8", errors="replace")
 
     def stream_decoder(self, skip_special_tokens=False):
