@@ -6,6 +6,7 @@ start to SERVING on an export, and concurrent TF Serving `Predict` calls and
     python -m benchmarks.first_minute cli --gguf smollm2-f32.gguf [--rounds 3]
     python -m benchmarks.first_minute serve --model_base_path DIR --model_name NAME \\
         [--streams 16] [--new-tokens 128]
+    python -m benchmarks.first_minute decode [--litert FILE ...] [--rounds 3]
 
 Each figure is a median over rounds; the CLI rounds alternate keras-llm and
 llama.cpp so that machine noise hits both alike. Prints one JSON object.
@@ -14,6 +15,7 @@ llama.cpp so that machine noise hits both alike. Prints one JSON object.
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,7 +69,6 @@ def serve(args):
     from keras_llm.runtime.tokenizer import HostTokenizer  # pylint: disable=import-outside-toplevel
     from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
 
-    import os  # pylint: disable=import-outside-toplevel
     versions = sorted(int(v) for v in os.listdir(os.path.join(args.model_base_path,
                                                               args.model_name)) if v.isdigit())
     tokenizer = HostTokenizer.load(os.path.join(args.model_base_path, args.model_name,
@@ -112,6 +113,84 @@ def serve(args):
     return result
 
 
+def _settings(model):
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    from benchmarks.base import Settings  # pylint: disable=import-outside-toplevel
+    from benchmarks.common import prompt_ids  # pylint: disable=import-outside-toplevel
+    from keras_llm import presets  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime.tokenizer import HostTokenizer  # pylint: disable=import-outside-toplevel
+
+    tokenizer = HostTokenizer.load(presets.preset_dir(model))
+    home = os.environ.get("KERAS_LLM_HOME") or os.path.expanduser("~/.cache/keras_llm")
+    return Settings(model=model, prompt=prompt_ids(tokenizer, 32),
+                    prefill_prompt=prompt_ids(tokenizer, 128, offset=3),
+                    batch_prompts=[prompt_ids(tokenizer, 32, offset=5 * i) for i in range(16)],
+                    new_tokens=128, long_tokens=0, batch_sizes=(16,), streams=(1,), repeats=3,
+                    context=256, threads=2, work_dir=tempfile.mkdtemp(),
+                    cache_dir=os.path.join(home, "bench"),
+                    gguf_source=presets.preset_checkpoint(model))
+
+
+def decode_one(args):
+    """One engine in this process: decode tokens/s at batch 1 and the
+    aggregate over 16 sequences (each a median of 3 after a warm-up)."""
+    settings = _settings(args.model)
+    if args.engine.startswith("llama.cpp"):
+        from benchmarks import llama_cpp  # pylint: disable=import-outside-toplevel
+        engine = {"llama.cpp-f32": llama_cpp.LlamaCppF32Engine,
+                  "llama.cpp-q8_0": llama_cpp.LlamaCppQ80Engine}[args.engine](settings)
+        engine.prepare()
+        engine.setup()
+        generate = engine.generate
+    else:
+        from benchmarks.engines import run_engine, runtime_engine  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        if args.litert:
+            backend = LiteRTBackend(args.litert, num_threads=2)
+        else:
+            import keras_llm  # pylint: disable=import-outside-toplevel
+            backend = keras_llm.load(args.model, progress=False, num_threads=2).engine.backend
+        engine = runtime_engine(backend)
+        generate = lambda prompts, n: run_engine(engine, prompts, n)  # noqa: E731
+    out = {}
+    for batch, prompts in ((1, [settings.prompt]), (16, settings.batch_prompts)):
+        generate(prompts, settings.new_tokens)
+        runs = [generate(prompts, settings.new_tokens) for _ in range(3)]
+        if batch == 1:
+            out["decode_tokens_per_s_b1"] = statistics.median(
+                (settings.new_tokens - 1) / r.decode_s for r in runs)
+        else:
+            out["aggregate_tokens_per_s_16"] = statistics.median(
+                batch * settings.new_tokens / (r.time_to_first_token_s + r.decode_s) for r in runs)
+        out[f"tokens_b{batch}"] = runs[-1].tokens[0][:24]
+    return out
+
+
+def decode(args):
+    """`decode-one` for each engine in its own process, alternating rounds."""
+    engines = {"keras-llm-f32": [], "llama.cpp-f32": []}
+    if args.litert:
+        engines = {"keras-llm-int8": ["--litert", *args.litert], "llama.cpp-q8_0": []}
+    results = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, extra in engines.items():
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.first_minute", "decode-one",
+                                   "--engine", name, "--model", args.model, *extra],
+                                  capture_output=True, text=True, timeout=1800, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
+            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = {name: {key: statistics.median(r[key] for r in runs)
+                      for key in ("decode_tokens_per_s_b1", "aggregate_tokens_per_s_16")}
+               for name, runs in results.items()}
+    ours, theirs = list(summary)
+    summary["ratios"] = {key: summary[ours][key] / summary[theirs][key] for key in summary[ours]}
+    summary["same_greedy_b1"] = results[ours][0]["tokens_b1"] == results[theirs][0]["tokens_b1"]
+    summary["runs"] = results
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,8 +204,19 @@ def main(argv=None):
     s.add_argument("--streams", type=int, default=16)
     s.add_argument("--new-tokens", type=int, default=128)
     s.add_argument("--rounds", type=int, default=3)
+    d = commands.add_parser("decode")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--litert", nargs="+", default=None,
+                   help="LiteRT files to run (int8, against llama.cpp Q8_0); default: the "
+                        "model's own files (float32, against llama.cpp F32)")
+    d.add_argument("--rounds", type=int, default=3)
+    one = commands.add_parser("decode-one")
+    one.add_argument("--engine", required=True)
+    one.add_argument("--model", default="smollm2")
+    one.add_argument("--litert", nargs="+", default=None)
     args = parser.parse_args(argv)
-    result = cli(args) if args.command == "cli" else serve(args)
+    run = {"cli": cli, "serve": serve, "decode": decode, "decode-one": decode_one}[args.command]
+    result = run(args)
     print(json.dumps(result, indent=1, ensure_ascii=False))
     return 0
 

@@ -9,7 +9,7 @@
     keras-llm bench [--model smollm2] [--engines ...] [--repeats N] [--output DIR] [--quick]
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
-prints a traceback unless KERAS_LLM_DEBUG=1. `generate` and `tokenize` keep
+prints a traceback unless KERAS_LLM_DEBUG=1. Every command but `serve` keeps
 TensorFlow's and LiteRT's native log lines out of the output unless
 `--verbose` is given.
 """
@@ -84,6 +84,8 @@ def build_parser():
                      help="auto: the model's LiteRT file (built once, kept beside the model), "
                           "else XLA")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--verbose", action="store_true",
+                     help="show TensorFlow's and LiteRT's native log lines (any command)")
 
     tok = commands.add_parser("tokenize", help="print the token ids of a text")
     _add_model(tok)
@@ -379,7 +381,9 @@ def main(argv=None):
     if verbose:
         argv = [a for a in argv if a != "--verbose"]
     quiet = not verbose and os.environ.get("KERAS_LLM_DEBUG") != "1"
-    with _quiet_native_logs(quiet and argv[:1] in (["generate"], ["tokenize"])):
+    # serve keeps its native log lines (operators read them); bench's engines
+    # log to files of their own.
+    with _quiet_native_logs(quiet and argv[:1] not in (["serve"], ["bench"])):
         return _main(argv)
 
 

@@ -131,6 +131,20 @@ class LanguageModel:
                                   EngineConfig(max_slots=self.max_slots, max_length=1024))
         return self._engine
 
+    def has_litert_files(self):
+        """Whether this model's LiteRT files exist already (generating on
+        LiteRT would not start with a conversion)."""
+        precision = artifacts.precision_of(self.metadata)
+        return bool(self._engine is not None or (
+            self.backend_name != "xla" and self.source is not None and precision
+            and (artifacts.optimized_litert(self.source, self.metadata)
+                 or artifacts.cached_litert(self.source, precision))))
+
+    def on_xla(self):
+        """This model on the XLA backend (the same weights and tokenizer)."""
+        return LanguageModel(self.model, self.tokenizer, self.metadata, backend="xla",
+                             max_slots=self.max_slots, progress=self.progress)
+
     def _backend(self):
         from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
         precision = artifacts.precision_of(self.metadata)

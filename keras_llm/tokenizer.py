@@ -572,19 +572,7 @@ class BytePairTokenizer(tf.Module):
         add_generation_prompt: bool = True,
         system: str | None = None,
     ) -> str:
-        """Formats a conversation as ChatML.
-
-        Each message becomes ``"<|im_start|>{role}\\n{content}<|im_end|>\\n"``.
-        No system message is added unless ``system`` is given.
-
-        Args:
-            messages: ``[{"role": ..., "content": ...}, ...]`` or one user message as a string.
-            add_generation_prompt: Append ``"<|im_start|>assistant\\n"``.
-            system: Optional system message placed first.
-
-        Returns:
-            The prompt text.
-        """
+        """Formats a conversation as ChatML (see `keras_llm.runtime.tokenizer.render_chatml`)."""
         return render_chatml(messages, add_generation_prompt, system)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.engine import (Engine, EngineConfig as RuntimeConfig, EngineError,
@@ -61,14 +62,15 @@ class ExportedModel:
         config: an `EngineConfig`.
 
     Attributes:
-        module: the loaded SavedModel (its signatures answer `score`).
+        module: the loaded SavedModel (its signatures answer `score`); loaded
+            on first use when the engine decodes with LiteRT, so a server
+            that only generates never holds the TensorFlow copy of the weights.
         metadata: `assets/keras_llm.json`.
         tokenizer: a `HostTokenizer` from the export's assets.
         engine: the runtime `Engine`, started.
     """
 
     def __init__(self, export_dir, config=None):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
         import tensorflow_text  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
         from keras_llm.runtime.xla import use_persistent_cache  # pylint: disable=import-outside-toplevel
@@ -80,7 +82,8 @@ class ExportedModel:
         with open(os.path.join(export_dir, artifacts.EXPORT_METADATA), encoding="utf-8") as handle:
             self.metadata = json.load(handle)
         self.tokenizer = HostTokenizer.load(os.path.join(export_dir, "assets"))
-        self.module = tf.saved_model.load(export_dir)
+        self._module = None
+        self._module_lock = threading.Lock()
         model = self.metadata["config"]
         self.context_length = int(model["context_length"])
         backend = self._backend(model)
@@ -123,6 +126,19 @@ class ExportedModel:
                           prompt_bucket=self.config.prompt_bucket,
                           max_slots=self.config.max_slots,
                           dtype=self.metadata.get("dtype") or "float32")
+
+    @property
+    def module(self):
+        if self._module is None:
+            with self._module_lock:
+                if self._module is None:
+                    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+                    self._module = tf.saved_model.load(self.export_dir)
+        return self._module
+
+    @property
+    def signatures(self):
+        return self.module.signatures
 
     @property
     def ready(self):

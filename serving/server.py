@@ -51,9 +51,13 @@ class ServedModel:
         self.version = version
         self.path = os.path.join(base_path, str(version))
         self.engine = ExportedModel(self.path, engine_config)
-        self.signatures = self.engine.module.signatures
         from tensorflow.python.saved_model import loader_impl  # pylint: disable=import-outside-toplevel
         self.signature_defs = loader_impl.parse_saved_model(self.path).meta_graphs[0].signature_def
+        # What Predict checks requests against, read from the SavedModel's proto.
+        self.input_specs = {
+            key: {name: tf.TensorSpec(tf.TensorShape(info.tensor_shape), tf.as_dtype(info.dtype))
+                  for name, info in definition.inputs.items()}
+            for key, definition in self.signature_defs.items()}
 
 
 class Servables:
@@ -230,11 +234,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):
         model = self.servables.get(context, request.model_spec)
         name = request.model_spec.signature_name or "serving_default"
-        if name not in model.signatures:
+        if name not in model.input_specs:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"Serving signature key \"{name}\" not found.")
-        function = model.signatures[name]
-        spec = function.structured_input_signature[1]
+        spec = model.input_specs[name]
         if set(request.inputs) != set(spec):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"signature {name} expects inputs {sorted(spec)}, got "
@@ -255,6 +258,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs = predict_with_engine(model.engine, name, inputs, context)
         else:
             try:
+                function = model.engine.signatures[name]  # loads the SavedModel on first use
                 outputs = {k: v.numpy() for k, v in function(
                     **{k: tf.constant(v) for k, v in inputs.items()}).items()}
             except tf.errors.InvalidArgumentError as error:

@@ -14,7 +14,7 @@ from tests.gguf_writer import write_llama_gguf
 from tests.helpers import byte_level_tokenizer, tiny_language_model, tiny_model
 
 ENGINES = ("keras-llm-xla", "keras-llm-server", "keras-llm-server-litert-int8", "document-way",
-           "keras-llm-litert-int8")
+           "keras-llm-litert-int8", "keras-llm-litert-f32")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,8 @@ def test_every_engine_measured_every_figure(report):
         "document-way": common | {"generate_tokens_per_s_16"},
         "keras-llm-litert-int8": common | {"aggregate_tokens_per_s_2",
                                            "generate_tokens_per_s_16"},
+        "keras-llm-litert-f32": common | {"aggregate_tokens_per_s_2",
+                                          "generate_tokens_per_s_16"},
     }
     for name in ENGINES:
         metrics = expected[name]

@@ -95,6 +95,9 @@ def teacher_token_stream(lm, tokens, cache_dir=None, seed=0, batch_size=16,
         if os.path.isfile(path):
             return np.load(path)
     separator = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+    # The engine on LiteRT when the model has its files, else on XLA: text
+    # for training is no reason to convert the model first.
+    generator = lm if lm.has_litert_files() else lm.on_xla()
     stream, batch_index = [], 0
     start = time.perf_counter()
     while len(stream) < tokens:
@@ -102,7 +105,7 @@ def teacher_token_stream(lm, tokens, cache_dir=None, seed=0, batch_size=16,
         ids = [lm.encode(text) if plain else lm.encode(text, chat=True)
                for plain, text in batch]
         room = lm.config.context_length - max(len(i) for i in ids)
-        results = lm.generate_ids(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
+        results = generator.generate_ids(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
                                   temperature=temperature,
                                   top_p=top_p, seed=seed + batch_index)
         for prompt_ids, result in zip(ids, results):
