@@ -180,7 +180,7 @@ def decode(args):
                                   capture_output=True, text=True, timeout=1800, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
-            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results[name].append(json.loads(proc.stdout))
     summary = {name: {key: statistics.median(r[key] for r in runs)
                       for key in ("decode_tokens_per_s_b1", "aggregate_tokens_per_s_16")}
                for name, runs in results.items()}
