@@ -51,6 +51,8 @@ SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
 METADATA_ASSET = "keras_llm.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_PROMPTS = ("Hello!", "The capital of France is")
+# Stands for the user's message when the chat template is rendered at export.
+CHAT_SENTINEL = "\uE000keras-llm-user-message\uE001"
 
 
 class ExportError(ValueError):
@@ -64,7 +66,8 @@ class GenerationModule(tf.Module):
         lm: a `keras_llm.LanguageModel`.
         max_new_tokens: default (and upper bound) of new tokens per request.
         jit_compile: XLA-compile the generation loop.
-        chat: wrap string prompts in the model's chat template in the graph.
+        chat: wrap string prompts in the model's chat template in the graph
+            (one user turn; see `chat_affixes`).
         prompt_bucket, cache_bucket: shape buckets, as in `Generator`.
     """
 
@@ -83,7 +86,7 @@ class GenerationModule(tf.Module):
         self._stop_ids = list(lm.tokenizer.stop_ids) or [-1]
         self._prompt_bucket = int(prompt_bucket)
         self._cache_bucket = int(cache_bucket)
-        self._chat = chat
+        self._chat = chat_affixes(lm.tokenizer) if chat else None
         self._generator = Generator(lm.model, pad_id=self._pad, prompt_bucket=prompt_bucket,
                                     cache_bucket=cache_bucket, jit_compile=jit_compile)
         self._core = tf.function(self._generate_core, jit_compile=jit_compile)
@@ -110,8 +113,8 @@ class GenerationModule(tf.Module):
 
     def _prompts_to_ids(self, prompt):
         if self._chat:
-            prompt = tf.strings.join(["<|im_start|>user\n", prompt,
-                                      "<|im_end|>\n<|im_start|>assistant\n"])
+            prefix, suffix = self._chat
+            prompt = tf.strings.join([prefix, prompt, suffix])
         return self.tokenizer.tokenize(prompt)  # ragged (B, None)
 
     def _generate_core(self, prompt_ids, key_start, cache_slots, out_slots, max_new_tokens,
@@ -209,6 +212,28 @@ class GenerationModule(tf.Module):
         picked = tf.concat([tf.zeros_like(picked[:, :1]), picked], axis=1)
         picked = tf.where(valid, picked, 0.0)
         return {"log_probs": picked, "total_log_prob": tf.reduce_sum(picked, axis=1)}
+
+
+def chat_affixes(tokenizer):
+    """The text the model's chat template puts before and after one user
+    message (with the generation prompt), for the graph to join around a
+    string prompt: the template rendered once with a sentinel message and
+    split there. So a prompt gets the ids `tokenizer.apply_chat_template`
+    and `encode` give on the host, unless the template changes the message
+    text itself (e.g. trims it).
+
+    Raises:
+        ExportError: the rendering does not hold the message exactly once.
+    """
+    try:
+        text = tokenizer.apply_chat_template(CHAT_SENTINEL)
+    except ValueError as error:
+        raise ExportError(f"cannot export with --chat: {error}") from None
+    parts = text.split(CHAT_SENTINEL)
+    if len(parts) != 2:
+        raise ExportError("cannot export with --chat: the model's chat template shows a user "
+                          f"message {len(parts) - 1} times instead of once")
+    return parts[0], parts[1]
 
 
 def next_version(model_dir):

@@ -173,10 +173,22 @@ class LanguageModel:
     # ----- prompts ---------------------------------------------------------
 
     def encode(self, prompt, chat=False, system=None):
-        """Token ids of `prompt`, optionally wrapped in the chat template."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not prompt:
+        """Token ids of `prompt`.
+
+        Args:
+            prompt: a string; with `chat`, also a conversation
+                `[{"role": "system" | "user" | "assistant", "content": str}, ...]`.
+            chat: render the prompt with the model's chat template (ChatML
+                when it has none); a string is one user turn.
+            system: with `chat`, a system message placed first.
+        """
+        if _is_conversation(prompt):
+            if not chat:
+                raise ValueError("a list of messages is a chat prompt: pass chat=True")
+        elif not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or (with chat=True) a list of messages, "
+                            f"got {type(prompt).__name__}")
+        elif not prompt:
             raise ValueError("empty prompt")
         if chat:
             prompt = self.host_tokenizer.apply_chat_template(prompt, system=system)
@@ -201,9 +213,10 @@ class LanguageModel:
 
     def generate(self, prompts, chat=False, system=None, **sampling):
         """Generate for one prompt (returns a `Completion`) or a list of them
-        (returns a list), batched together. Sampling keywords as in
-        `sampling_params`."""
-        single = isinstance(prompts, str)
+        (returns a list), batched together. With `chat`, a prompt may be a
+        conversation (a list of role/content dicts; see `encode`). Sampling
+        keywords as in `sampling_params`."""
+        single = isinstance(prompts, str) or _is_conversation(prompts)
         texts = [prompts] if single else list(prompts)
         ids = [self.encode(p, chat=chat, system=system) for p in texts]
         results = self.generate_ids(ids, **sampling)
@@ -221,8 +234,10 @@ class LanguageModel:
 
     def stream(self, prompt, chat=False, system=None, **sampling):
         """Yield `(text_delta, new_ids)` as tokens are produced; the final
-        item is the finished `Completion` (check with isinstance)."""
-        ids = (list(map(int, prompt)) if isinstance(prompt, (list, tuple))
+        item is the finished `Completion` (check with isinstance). `prompt`
+        is a string, a conversation (with `chat`; see `encode`) or token ids."""
+        ids = (list(map(int, prompt))
+               if isinstance(prompt, (list, tuple)) and not _is_conversation(prompt)
                else self.encode(prompt, chat, system))
         params = self.sampling_params(**sampling)
         engine, compile_s = self._ready()
@@ -234,6 +249,11 @@ class LanguageModel:
             rate = steps / item.decode_s if item.decode_s > 0 else 0.0
             yield Completion(item.text, item.token_ids, ids, item.finish_reason,
                              item.time_to_first_token_s, rate, compile_s)
+
+
+def _is_conversation(prompt):
+    """Whether `prompt` is a list of chat messages (dicts), not text or ids."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
 
 
 def _kind(path):

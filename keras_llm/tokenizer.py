@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_text as tf_text  # noqa: E402
 
 from keras_llm.runtime.tokenizer import (  # noqa: E402
-    StreamDecoder, bytes_to_unicode, generation_stop_ids, render_chatml, token_bytes_table)
+    StreamDecoder, bytes_to_unicode, chat_prompt, generation_stop_ids, token_bytes_table)
 
 __all__ = ["BytePairTokenizer", "StreamDecoder", "bytes_to_unicode", "TOKENIZER_ASSET_FILE"]
 
@@ -133,8 +133,8 @@ class BytePairTokenizer(tf.Module):
             unk_id: Id used for a byte that has no byte token (never needed for
                 a complete byte-level vocabulary).
             add_bos: Whether ``tokenize`` prepends ``bos_id`` by default.
-            chat_template: The model's Jinja chat template, kept for export only;
-                ``apply_chat_template`` always renders plain ChatML.
+            chat_template: The model's Jinja chat template, which
+                ``apply_chat_template`` renders (ChatML when None).
             pretokenizer: ``"smollm"`` (every numeric character split off) or ``"gpt2"``.
         """
         super().__init__(name="byte_pair_tokenizer")
@@ -563,7 +563,7 @@ class BytePairTokenizer(tf.Module):
 
     @property
     def chat_template(self) -> str | None:
-        """The Jinja chat template read from the model, if any (not rendered)."""
+        """The Jinja chat template read from the model, if any (`apply_chat_template` renders it)."""
         return self._py.chat_template
 
     def apply_chat_template(
@@ -572,8 +572,22 @@ class BytePairTokenizer(tf.Module):
         add_generation_prompt: bool = True,
         system: str | None = None,
     ) -> str:
-        """Formats a conversation as ChatML (see `keras_llm.runtime.tokenizer.render_chatml`)."""
-        return render_chatml(messages, add_generation_prompt, system)
+        """Formats a conversation with the model's chat template (ChatML when it
+        has none); see `keras_llm.runtime.tokenizer.chat_prompt`.
+
+        Args:
+            messages: one user turn as a string, or a list of
+                ``{"role": "system" | "user" | "assistant", "content": str}``.
+            add_generation_prompt: end with the opening of the assistant's turn.
+            system: optional system message placed first.
+
+        Returns:
+            The prompt text.
+
+        Raises:
+            ValueError: bad messages, or a template that refuses them.
+        """
+        return chat_prompt(self, messages, add_generation_prompt, system)
 
 
 @tf.autograph.experimental.do_not_convert

@@ -55,23 +55,38 @@ def assert_saved_model_round_trip(model, path, inputs):
     return loaded
 
 
-def byte_level_tokenizer(merges=(), specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
-    """A tiny GPT-2-style tokenizer: special tokens, 256 byte symbols, merges."""
+# The chat template SmolLM2-135M-Instruct ships (its GGUF's tokenizer.chat_template).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2_DEFAULT_SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+                          "trained by Hugging Face<|im_end|>\n")
+
+
+def byte_level_tokenizer(merges=(), specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                         chat_template=None, bos_id=None, add_bos=False):
+    """A tiny GPT-2-style tokenizer: special tokens, 256 byte symbols, merges
+    (no chat template unless given: ChatML then)."""
     from keras_llm.tokenizer import BytePairTokenizer, bytes_to_unicode
 
     alphabet = list(bytes_to_unicode())
     vocabulary = list(specials) + alphabet + ["".join(m.split(" ")) for m in merges]
     return BytePairTokenizer(vocabulary, list(merges), special_tokens=list(specials),
                              eos_id=specials.index("<|im_end|>") if "<|im_end|>" in specials else None,
-                             pad_id=0, bos_id=None, unk_id=None,
-                             chat_template=None)
+                             pad_id=0, bos_id=bos_id, unk_id=None, add_bos=add_bos,
+                             chat_template=chat_template)
 
 
-def tiny_language_model(seed=0, merges=("h e", "l l", "he ll"), source="tiny"):
-    """A `LanguageModel` of a tiny model and a tiny byte-level tokenizer."""
+def tiny_language_model(seed=0, merges=("h e", "l l", "he ll"), source="tiny", **tokenizer):
+    """A `LanguageModel` of a tiny model and a tiny byte-level tokenizer
+    (`**tokenizer`: `specials`, `chat_template`, `bos_id`, `add_bos` of
+    `byte_level_tokenizer`)."""
     import keras_llm
 
-    tokenizer = byte_level_tokenizer(list(merges))
+    tokenizer = byte_level_tokenizer(list(merges), **tokenizer)
     model = tiny_model(seed=seed, vocabulary_size=tokenizer.vocabulary_size)
     return keras_llm.LanguageModel(model, tokenizer, {"source": source})
 

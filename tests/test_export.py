@@ -12,9 +12,9 @@ import pytest
 import tensorflow as tf
 
 import keras_llm
-from keras_llm.export.saved_model import SIGNATURES, ExportError, export_model
+from keras_llm.export.saved_model import SIGNATURES, ExportError, chat_affixes, export_model
 from keras_llm import cli
-from tests.helpers import REPO, tiny_language_model
+from tests.helpers import REPO, SMOLLM2_CHAT_TEMPLATE, byte_level_tokenizer, tiny_language_model
 
 PROMPTS = ["hello", "a much longer prompt, with punctuation!", "ü"]
 RUNNER = str(REPO / "tests" / "saved_model_runner.py")
@@ -215,3 +215,37 @@ def test_bad_arguments_leave_nothing_half_written(lm, exported, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "no such model file" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out" / "m" / "1")
+
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+WITH_BOS = dict(chat_template=BOS_TEMPLATE, bos_id=3,
+                specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"))
+
+
+@pytest.mark.parametrize("tokenizer", [dict(chat_template=SMOLLM2_CHAT_TEMPLATE),
+                                       dict(WITH_BOS, add_bos=True), WITH_BOS,
+                                       dict(chat_template=None)])
+def test_chat_in_graph_gives_the_host_ids(tokenizer):
+    from keras_llm.export.saved_model import GenerationModule
+
+    chat_lm = tiny_language_model(seed=4, **tokenizer)
+    module = GenerationModule(chat_lm, max_new_tokens=4, chat=True)
+    in_graph = tf.function(module._prompts_to_ids)  # pylint: disable=protected-access
+    got = in_graph(tf.constant(PROMPTS)).to_list()
+    assert got == [chat_lm.encode(p, chat=True) for p in PROMPTS]
+    if "bos_id" in tokenizer:  # bos once, from the template or from the tokenizer
+        assert all(ids[0] == 3 and ids.count(3) == 1 for ids in got)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}{% endfor %}", "2 times"),
+    ("<|im_start|>assistant\n", "0 times"),
+    ("{{ raise_exception('no single turns') }}", "no single turns"),
+])
+def test_chat_export_refuses_templates_it_cannot_split(template, message):
+    with pytest.raises(ExportError, match=message):
+        chat_affixes(byte_level_tokenizer(["h e"], chat_template=template))

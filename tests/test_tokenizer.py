@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_text  # noqa: E402,F401  (registers the regex ops for loaded SavedModels)
 
+from keras_llm.runtime.tokenizer import HostTokenizer, render_chat  # noqa: E402
 from keras_llm.tokenizer import BytePairTokenizer, bytes_to_unicode  # noqa: E402
+from tests.helpers import SMOLLM2_CHAT_TEMPLATE, SMOLLM2_DEFAULT_SYSTEM  # noqa: E402
 
 REFERENCE_PATH = Path(__file__).resolve().parent / "data" / "smollm2_reference.json"
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "tokenizer_corpus.json"
@@ -186,6 +188,98 @@ def test_chat_template(tiny):
         tiny.apply_chat_template([{"role": "system", "content": "a"}], system="b")
 
 
+CONVERSATION = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+def test_smollm2_template_one_turn_and_multi_turn():
+    smollm2_like = make_tiny(chat_template=SMOLLM2_CHAT_TEMPLATE)
+    # One turn: the template adds its default system message.
+    assert smollm2_like.apply_chat_template("hello") == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    assert smollm2_like.apply_chat_template("hello", add_generation_prompt=False) == (
+        SMOLLM2_DEFAULT_SYSTEM + "<|im_start|>user\nhello<|im_end|>\n")
+    # Several turns after a system message of the caller's: no default one.
+    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                "<|im_start|>user\nhi<|im_end|>\n"
+                "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+                "<|im_start|>user\nName a colour.<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert smollm2_like.apply_chat_template(CONVERSATION, system="Be brief.") == expected
+    assert smollm2_like.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}] + CONVERSATION) == expected
+    # The host tokenizer renders the same text (one shared function).
+    host = HostTokenizer(smollm2_like.get_config())
+    assert host.apply_chat_template(CONVERSATION, system="Be brief.") == expected
+    assert host.encode(expected) == smollm2_like.encode(expected)
+
+
+def test_template_rendering_equals_jinja2_directly():
+    import jinja2.sandbox
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = ("{{ bos_token }}{% for m in messages %}\n"
+                "  {% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]\n"
+                "  {% else %}{{ m['content'] }}{{ eos_token }}\n"
+                "  {% endif %}\n"
+                "{% endfor %}")
+    for source in (SMOLLM2_CHAT_TEMPLATE, template):
+        for messages, generation in (([{"role": "user", "content": "hé 🤖"}], True),
+                                     (CONVERSATION, True), (CONVERSATION, False)):
+            direct = environment.from_string(source).render(
+                messages=messages, add_generation_prompt=generation, bos_token="<s>",
+                eos_token="</s>")
+            assert render_chat(source, messages, generation, bos_token="<s>",
+                               eos_token="</s>") == direct
+
+
+def test_model_without_template_falls_back_to_chatml(tiny):
+    assert tiny.chat_template is None
+    assert tiny.apply_chat_template(CONVERSATION) == render_chat(None, CONVERSATION) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "empty"),
+    ([{"role": "bot", "content": "hi"}], "role must be one of system, user, assistant"),
+    ([{"role": "user", "content": 3}], "content must be a string"),
+    ([{"role": "user", "content": None}], "content must be a string"),
+    (["hi"], "must be a dict"),
+    ({"role": "user", "content": "hi"}, "must be a string or a list"),
+])
+def test_bad_messages_are_value_errors(tiny, messages, message):
+    for tokenizer in (tiny, make_tiny(chat_template=SMOLLM2_CHAT_TEMPLATE)):
+        with pytest.raises(ValueError, match=message):
+            tokenizer.apply_chat_template(messages)
+
+
+def test_template_errors_are_value_errors(tiny):
+    refusing = make_tiny(chat_template="{% if messages[0]['role'] != 'user' %}"
+                                       "{{ raise_exception('first message must be a user turn') }}"
+                                       "{% endif %}{{ messages[0]['content'] }}")
+    assert refusing.apply_chat_template("hi") == "hi"
+    with pytest.raises(ValueError, match="first message must be a user turn"):
+        refusing.apply_chat_template("hi", system="s")
+    with pytest.raises(ValueError, match="does not parse"):
+        make_tiny(chat_template="{% for %}").apply_chat_template("hi")
+
+
+def test_template_bos_is_not_doubled():
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    adds_bos = make_tiny(chat_template=template, add_bos=True)  # bos is <|im_start|> (id 1)
+    assert adds_bos.apply_chat_template("hi") == "hi"
+    ids = adds_bos.encode(adds_bos.apply_chat_template("hi"))
+    assert ids[0] == 1 and ids.count(1) == 1
+    plain = make_tiny(chat_template=template)
+    assert plain.apply_chat_template("hi") == "<|im_start|>hi"
+    assert plain.encode(plain.apply_chat_template("hi")) == ids
+
+
 def test_save_and_load_assets(tiny, tmp_path):
     tiny.save_assets(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
@@ -332,7 +426,7 @@ def test_smollm_metadata(smollm):
     assert smollm.pretokenizer == "smollm"
     assert smollm.special_token_ids == list(range(17))
     assert smollm.stop_ids == [2, 0]
-    assert smollm.chat_template and "<|im_start|>" in smollm.chat_template
+    assert smollm.chat_template == SMOLLM2_CHAT_TEMPLATE
 
 
 @pytest.mark.real_model
@@ -350,9 +444,15 @@ def test_smollm_reference_prompts(smollm, reference):
     for entry, ids in zip(reference["generation"], batch):
         assert ids == entry["prompt_ids"], entry["prompt"]
         assert smollm.encode(entry["prompt"]) == entry["prompt_ids"]
+    # The reference's chat prompt is ChatML without a system message; the
+    # model's own template adds its default one.
     chat = "<|im_start|>user\n你好，今天天气如何？<|im_end|>\n<|im_start|>assistant\n"
-    assert smollm.apply_chat_template("你好，今天天气如何？") == chat
     assert chat in texts
+    assert smollm.apply_chat_template("你好，今天天气如何？") == SMOLLM2_DEFAULT_SYSTEM + chat
+    assert smollm.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+        "<|im_start|>assistant\n")
 
 
 @pytest.mark.real_model

@@ -10,10 +10,13 @@ LiteRT route never imports TensorFlow; the in-graph `BytePairTokenizer`
 stays for the SavedModel's signatures.
 
 The pure-Python pieces both tokenizers share live here too: GPT-2's byte
-table, the streaming decoder, the stop-id rule and the ChatML template.
+table, the streaming decoder, the stop-id rule and the chat prompt
+(`chat_prompt`: the model's own Jinja chat template, rendered as Hugging Face
+transformers renders it, with ChatML as the fallback for a model without one).
 """
 
 import codecs
+import functools
 import json
 import os
 
@@ -102,36 +105,171 @@ def generation_stop_ids(index, eos_id):
     return list(dict.fromkeys(i for i in stop if i is not None))
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages, system=None):
+    """Checks a conversation and returns it as a new list of plain dicts.
+
+    Args:
+        messages: one user turn as a string, or a non-empty list of
+            ``{"role": "system" | "user" | "assistant", "content": str}``.
+        system: optional system message placed first.
+
+    Returns:
+        ``[{"role": ..., "content": ...}, ...]``.
+
+    Raises:
+        ValueError: an unknown role, content that is not a string, an empty
+            list, or ``system`` given for messages that start with one.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    elif isinstance(messages, dict) or not hasattr(messages, "__iter__"):
+        raise ValueError("messages must be a string or a list of {'role', 'content'} dicts, "
+                         f"got {type(messages).__name__}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', "
+                             f"got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, "
+                             f"got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    if not checked:
+        raise ValueError("messages is empty: give at least one message")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"system must be a string, got {type(system).__name__}")
+        if checked[0]["role"] == "system":
+            raise ValueError("`system` given but the messages already start with a system message")
+        checked.insert(0, {"role": "system", "content": system})
+    return checked
+
+
 def render_chatml(messages, add_generation_prompt=True, system=None):
-    """Formats a conversation as ChatML.
+    """Formats a conversation as ChatML: the fallback for a model without a
+    chat template of its own.
 
     Each message becomes ``"<|im_start|>{role}\\n{content}<|im_end|>\\n"``.
     No system message is added unless ``system`` is given.
 
     Args:
-        messages: ``[{"role": ..., "content": ...}, ...]`` or one user message as a string.
+        messages: as in `chat_messages`.
         add_generation_prompt: Append ``"<|im_start|>assistant\\n"``.
         system: Optional system message placed first.
 
     Returns:
         The prompt text.
     """
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    messages = list(messages)
-    if system is not None:
-        if messages and messages[0].get("role") == "system":
-            raise ValueError("`system` given but the messages already start with a system message")
-        messages.insert(0, {"role": "system", "content": system})
-    parts = []
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if not isinstance(content, str):
-            raise TypeError(f"message content must be a string, got {type(content).__name__}")
-        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+             for m in chat_messages(messages, system)]
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)
+
+
+def _raise_template_error(message):
+    import jinja2  # pylint: disable=import-outside-toplevel
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    # Jinja's own `tojson` HTML-escapes; chat templates expect plain JSON.
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators,
+                      sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template):
+    """The compiled Jinja template (cached by its text).
+
+    The environment is the one Hugging Face transformers renders chat
+    templates in, so a model's template gives the text it gives there: a
+    sandbox that cannot modify its inputs, ``trim_blocks`` and
+    ``lstrip_blocks``, loop controls, ``raise_exception(message)``, a
+    ``tojson`` that does not HTML-escape, and ``strftime_now(format)``.
+
+    Raises:
+        ValueError: the template does not parse.
+    """
+    import datetime  # pylint: disable=import-outside-toplevel
+
+    import jinja2  # pylint: disable=import-outside-toplevel
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_template_error
+    environment.globals["strftime_now"] = lambda f: datetime.datetime.now().strftime(f)
+    try:
+        return environment.from_string(template)
+    except jinja2.TemplateError as error:
+        raise ValueError(f"the model's chat template does not parse: {error}") from None
+
+
+def render_chat(template, messages, add_generation_prompt=True, system=None, bos_token=None,
+                eos_token=None):
+    """Renders a conversation with a model's Jinja chat template.
+
+    Args:
+        template: the template text; None or empty renders ChatML
+            (`render_chatml`).
+        messages: one user turn as a string, or a list of
+            ``{"role": "system" | "user" | "assistant", "content": str}``.
+        add_generation_prompt: end with the opening of the assistant's turn.
+        system: optional system message placed first (an error if
+            ``messages`` already start with one).
+        bos_token, eos_token: the texts the template sees as ``bos_token``
+            and ``eos_token`` (left undefined when None).
+
+    Returns:
+        The prompt text.
+
+    Raises:
+        ValueError: bad messages (see `chat_messages`), a template that does
+            not parse, or one that refuses the conversation (its
+            ``raise_exception``).
+
+    Example:
+        >>> render_chat(None, "hi")
+        '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    messages = chat_messages(messages, system)
+    if not template:
+        return render_chatml(messages, add_generation_prompt)
+    import jinja2  # pylint: disable=import-outside-toplevel
+
+    tokens = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token))
+              if v is not None}
+    try:
+        return compile_chat_template(template).render(
+            messages=messages, add_generation_prompt=bool(add_generation_prompt), **tokens)
+    except jinja2.TemplateError as error:
+        raise ValueError(f"the model's chat template refused the conversation: {error}") from None
+
+
+def chat_prompt(tokenizer, messages, add_generation_prompt=True, system=None):
+    """The prompt text of a conversation for `tokenizer` (a `HostTokenizer`
+    or a `BytePairTokenizer`): its chat template rendered by `render_chat`
+    with its bos/eos token texts. When the tokenizer adds bos itself
+    (`add_bos`), a bos text the template put first is removed, so encoding
+    the prompt does not give bos twice."""
+    def token_text(token_id):
+        return None if token_id is None else tokenizer.decode([token_id])
+
+    bos = token_text(tokenizer.bos_id)
+    prompt = render_chat(tokenizer.chat_template, messages, add_generation_prompt, system,
+                         bos_token=bos, eos_token=token_text(tokenizer.eos_id))
+    if tokenizer.add_bos and bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]
+    return prompt
 
 
 class HostTokenizer:
@@ -240,4 +378,6 @@ class HostTokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, system=None):
-        return render_chatml(messages, add_generation_prompt, system)
+        """The prompt text of a conversation: the model's chat template (ChatML
+        when it has none), see `chat_prompt`. Raises ValueError for bad messages."""
+        return chat_prompt(self, messages, add_generation_prompt, system)
