@@ -6,6 +6,7 @@
     keras-llm import --model FILE.gguf --output DIR
     keras-llm optimize --model smollm2 --output DIR --report R.json --prune 0.5 ...
     keras-llm serve --port 8500 --model_name NAME --model_base_path DIR
+    keras-llm chat --target 127.0.0.1:8500 [--system "..."]
     keras-llm bench [--model smollm2] [--engines ...] [--repeats N] [--output DIR] [--quick]
 
 Bad input ends with a one-line error on stderr and exit status 2; nothing
@@ -133,6 +134,14 @@ def build_parser():
         sub.add_argument("--top-p", type=float, default=1.0)
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--timeout", type=float, default=300.0)
+        sub.add_argument("--api_key", "--api-key", dest="api_key",
+                         default=os.environ.get("KERAS_LLM_API_KEY"),
+                         help="the server's API key (default: $KERAS_LLM_API_KEY)")
+        sub.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", default=None,
+                         help="PEM file of the CA that signed the server's certificate (TLS)")
+        sub.add_argument("--client_cert", "--client-cert", dest="client_cert", default=None,
+                         help="PEM client certificate (servers with client_verify)")
+        sub.add_argument("--client_key", "--client-key", dest="client_key", default=None)
         if name == "client":
             sub.add_argument("--prompt", required=True)
             sub.add_argument("--chat", action="store_true")
@@ -140,7 +149,8 @@ def build_parser():
                              help="use TF Serving's Predict (serving_default) instead of streaming")
             sub.add_argument("--json", action="store_true")
         else:
-            sub.add_argument("--system", default="")
+            sub.add_argument("--system", default="",
+                             help="system message that starts the conversation")
 
     commands.add_parser("bench", help="benchmark keras-llm against its competitors (the suite "
                         "in the repository's benchmarks/; keras-llm bench --help)")
@@ -248,12 +258,24 @@ def _sampling(args):
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def cmd_client(args):
+def _client(args):
     from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
 
+    def read(path):
+        if not path:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    return Client(args.target, timeout=args.timeout, api_key=args.api_key,
+                  root_certificates=read(args.ca_cert), private_key=read(args.client_key),
+                  certificate_chain=read(args.client_cert))
+
+
+def cmd_client(args):
     if not args.prompt:
         raise UsageError("empty prompt")
-    with Client(args.target, timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.predict:
             outputs = client.predict(args.model_name, [args.prompt])
             text = outputs["text"][0].decode("utf-8", errors="replace")
@@ -275,9 +297,11 @@ def cmd_client(args):
 
 
 def cmd_chat(args):
-    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
-
-    with Client(args.target, timeout=args.timeout) as client:
+    """A conversation with a server: every turn sends the whole conversation
+    (`--system` first) as messages, which the server renders with the model's
+    chat template; `/reset` starts a new conversation."""
+    conversation = []  # user and assistant turns, alternating
+    with _client(args) as client:
         while True:
             try:
                 line = input("you> ").strip()
@@ -286,12 +310,62 @@ def cmd_chat(args):
                 return
             if not line:
                 continue
-            sys.stdout.write("model> ")
-            for delta in client.stream(line, chat=True, system=args.system,
-                                       model_name=args.model_name, **_sampling(args)):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+            if line == "/reset":
+                conversation.clear()
+                print("(new conversation)")
+                continue
+            conversation.append({"role": "user", "content": line})
+            reply = chat_turn(client, conversation, args.system, model_name=args.model_name,
+                              **_sampling(args))
+            conversation.append({"role": "assistant", "content": reply})
             sys.stdout.write("\n")
+
+
+def chat_turn(client, conversation, system="", out=None, **request):
+    """Streams the answer to `conversation` (ending with the user's new turn)
+    to `out` after a `model> ` prompt and returns its text.
+
+    When the server answers INVALID_ARGUMENT because the conversation plus
+    `max_new_tokens` exceeds its per-sequence limit, the oldest user/assistant
+    pair is removed from `conversation` (in place; the system message stays)
+    and the request sent again, with a one-line note on stderr.
+    """
+    out = sys.stdout if out is None else out
+    head = [{"role": "system", "content": system}] if system else []
+    dropped = 0
+
+    def start():
+        if dropped:
+            print(f"keras-llm: dropped the oldest {dropped} exchange(s) of the conversation "
+                  "to fit the server's limit", file=sys.stderr, flush=True)
+        out.write("model> ")
+
+    while True:
+        pieces = []
+        try:
+            for delta in client.stream(messages=head + conversation, **request):
+                if not pieces:
+                    start()
+                pieces.append(delta)
+                out.write(delta)
+                out.flush()
+        except Exception as error:  # pylint: disable=broad-except
+            if pieces or len(conversation) < 3 or not _too_long(error):
+                raise
+            del conversation[:2]
+            dropped += 1
+            continue
+        if not pieces:
+            start()
+        return "".join(pieces)
+
+
+def _too_long(error):
+    """Whether a gRPC error says the prompt does not fit the server's limit."""
+    if not (hasattr(error, "code") and hasattr(error, "details")):
+        return False
+    return (error.code().name == "INVALID_ARGUMENT"
+            and "exceeds" in (error.details() or "").lower())
 
 
 def cmd_export(args):

@@ -144,8 +144,16 @@ class ExportedModel:
     def ready(self):
         return self.engine.ready
 
-    def encode(self, text, chat=False, system=None):
-        if chat:
+    def encode(self, text=None, chat=False, system=None, messages=None):
+        """Prompt ids of `text` (in the chat template as one user turn when
+        `chat`), or of the conversation `messages` (a list of role/content
+        dicts) rendered by the chat template. Raises ValueError for bad
+        messages."""
+        if messages is not None:
+            if text is not None:
+                raise ValueError("give text or messages, not both")
+            text = self.tokenizer.apply_chat_template(messages, system=system or None)
+        elif chat:
             text = self.tokenizer.apply_chat_template(text, system=system or None)
         return self.tokenizer.encode(text)
 

@@ -12,6 +12,8 @@ standard `grpc.health.v1` health service (SERVING once warmed up).
 
 import argparse
 import concurrent.futures
+import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -35,12 +37,43 @@ from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 LOG = logging.getLogger("keras_llm.serving")
 
 
+def list_versions(base_path):
+    """Version numbers under `base_path` that hold a SavedModel, ascending."""
+    return sorted(int(n) for n in os.listdir(base_path)
+                  if n.isdigit() and os.path.isfile(os.path.join(base_path, n, "saved_model.pb")))
+
+
 def latest_version(base_path):
-    versions = [int(n) for n in os.listdir(base_path)
-                if n.isdigit() and os.path.isfile(os.path.join(base_path, n, "saved_model.pb"))]
+    versions = list_versions(base_path)
     if not versions:
         raise FileNotFoundError(f"no SavedModel versions under {base_path}")
-    return max(versions)
+    return versions[-1]
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """One model of the server's config (TF Serving's `ModelConfig`).
+
+    Args:
+        base_path: the directory holding version directories.
+        policy: "latest" (the newest `num_versions`), "all", or "specific"
+            (`versions`), as `model_version_policy`.
+        labels: `version_labels`, label -> version.
+    """
+
+    base_path: str
+    policy: str = "latest"
+    num_versions: int = 1
+    versions: tuple = ()
+    labels: dict = dataclasses.field(default_factory=dict)
+
+    def wanted(self):
+        available = list_versions(self.base_path)
+        if self.policy == "all":
+            return available
+        if self.policy == "specific":
+            return [v for v in available if v in self.versions]
+        return available[-max(self.num_versions, 1):]
 
 
 class ServedModel:
@@ -49,6 +82,7 @@ class ServedModel:
     def __init__(self, name, base_path, version, engine_config):
         self.name = name
         self.version = version
+        self.created = time.time()
         self.path = os.path.join(base_path, str(version))
         self.engine = ExportedModel(self.path, engine_config)
         from tensorflow.python.saved_model import loader_impl  # pylint: disable=import-outside-toplevel
@@ -60,84 +94,210 @@ class ServedModel:
             for key, definition in self.signature_defs.items()}
 
 
+class ServingError(Exception):
+    """A request that fails with a status: gRPC aborts with `code`, HTTP
+    answers the matching status (`serving.http`)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class Servables:
-    """The models the server answers for, by name; swapped atomically on reload."""
+    """The models the server answers for; swapped atomically on reload.
+
+    `models`: name -> the newest loaded version (what a request that names
+    no version gets); `versions`: name -> {version: ServedModel};
+    `labels`: name -> {label: version}.
+    """
 
     def __init__(self):
         self.models = {}
+        self.versions = {}
+        self.labels = {}
         self.lock = threading.Lock()
 
     def lookup(self, name):
         with self.lock:
             return self.models.get(name)
 
+    def names(self):
+        with self.lock:
+            return sorted(self.models)
+
+    def resolve(self, name, version=None, label=None):
+        """The served model `name` (at `version` or `label` if given), or
+        ServingError NOT_FOUND."""
+        with self.lock:
+            loaded = self.versions.get(name) or {}
+            if not loaded:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Servable not found for request: {name!r}")
+            if label:
+                if label not in self.labels.get(name, {}):
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"Unrecognized servable version label: {label!r}")
+                version = self.labels[name][label]
+            if version is None:
+                return self.models[name]
+            model = loaded.get(int(version))
+            if model is None:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Servable not found for request: {name!r} version {version}")
+            return model
+
     def get(self, context, model_spec):
-        name = model_spec.name
-        model = self.lookup(name)
-        if model is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {name!r}")
-        if model_spec.HasField("version") and model_spec.version.value != model.version:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"Servable not found for request: {name!r} version "
-                          f"{model_spec.version.value}")
-        if model_spec.version_label:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"version label {model_spec.version_label!r} is not assigned")
-        return model
+        version = model_spec.version.value if model_spec.HasField("version") else None
+        try:
+            return self.resolve(model_spec.name, version, model_spec.version_label)
+        except ServingError as error:
+            context.abort(error.code, error.message)
+            raise  # not reached: abort raises
 
 
 class ModelManager:
-    """Loads the latest version of each model and follows new ones.
+    """Loads the versions each model's policy wants and follows new ones.
 
     A new version directory (export writes it atomically) is loaded and warmed
     while the old version keeps answering; then new requests go to it, and the
-    old version finishes what it runs and is retired.
+    old version finishes what it runs and is retired. A version that fails to
+    load is logged and retried with backoff; it never replaces one that serves.
+
+    Args:
+        models: name -> `ModelSpec` (or a base path: the latest version).
+        config_file: a `--model_config_file` to re-read every
+            `config_poll_seconds` (0: never).
     """
 
-    def __init__(self, servables, models, engine_config, poll_seconds=1.0):
+    def __init__(self, servables, models, engine_config, poll_seconds=1.0, config_file=None,
+                 config_poll_seconds=0.0, warmup=True):
         self.servables = servables
-        self.base_paths = dict(models)  # name -> base path
+        self.specs = {name: spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
+                      for name, spec in models.items()}
         self.engine_config = engine_config
         self.poll_seconds = poll_seconds
+        self.config_file = config_file
+        self.config_poll_seconds = config_poll_seconds
+        self.warmup = warmup
+        self._sync_lock = threading.Lock()
+        self._retry = {}  # (name, version) -> (next attempt time, backoff seconds)
         self._stop = threading.Event()
-        self._thread = None
+        self._threads = []
+
+    @property
+    def base_paths(self):
+        return {name: spec.base_path for name, spec in self.specs.items()}
 
     def load_all(self):
-        for name, base in self.base_paths.items():
-            self._load(name, base, latest_version(base))
+        """Load every model's versions; raises if a model has none that loads."""
+        for name in list(self.specs):
+            self.sync(name, strict=True)
+
+    def sync(self, name, strict=False):
+        """Load the versions `name`'s policy wants, then retire the others."""
+        with self._sync_lock:
+            spec = self.specs.get(name)
+            wanted = spec.wanted() if spec is not None else []
+            with self.servables.lock:
+                have = dict(self.servables.versions.get(name, {}))
+            if spec is not None and not wanted and not have:
+                raise FileNotFoundError(f"no SavedModel versions under {spec.base_path}")
+            for version in sorted(set(wanted) - set(have)):
+                retry = self._retry.get((name, version))
+                if retry and time.monotonic() < retry[0]:
+                    continue
+                try:
+                    have[version] = self._load(name, spec.base_path, version)
+                    self._retry.pop((name, version), None)
+                except Exception as error:  # pylint: disable=broad-except
+                    backoff = min(60.0, 2 * retry[1]) if retry else 1.0
+                    self._retry[(name, version)] = (time.monotonic() + backoff, backoff)
+                    log_event("model_load_failed", model=name, version=version,
+                              error=f"{type(error).__name__}: {error}",
+                              retry_in_s=backoff)
+                    if strict and not have and version == max(wanted):
+                        raise
+            keep = {v: m for v, m in have.items() if v in wanted} or (
+                {max(have): have[max(have)]} if have and spec is not None else {})
+            retired = [m for v, m in have.items() if v not in keep]
+            with self.servables.lock:
+                if keep:
+                    self.servables.versions[name] = keep
+                    self.servables.models[name] = keep[max(keep)]
+                    self.servables.labels[name] = {
+                        label: v for label, v in (spec.labels if spec else {}).items()
+                        if v in keep}
+                else:
+                    for table in (self.servables.versions, self.servables.models,
+                                  self.servables.labels):
+                        table.pop(name, None)
+            for model in retired:
+                model.engine.stop()
+                log_event("model_retired", model=name, version=model.version)
 
     def _load(self, name, base, version):
         start = time.perf_counter()
         model = ServedModel(name, base, version, self.engine_config)
-        model.engine.warmup()
-        with self.servables.lock:
-            old = self.servables.models.get(name)
-            self.servables.models[name] = model
+        if self.warmup:
+            model.engine.warmup()
+        else:
+            model.engine.ready.set()
         log_event("model_loaded", model=name, version=version,
                   seconds=round(time.perf_counter() - start, 2),
                   kv_cache_slots=model.engine.num_slots,
                   kv_cache_bytes_per_slot=model.engine.bytes_per_slot,
                   context=model.engine.max_length)
-        if old is not None:
-            old.engine.stop()
-            log_event("model_retired", model=name, version=old.version)
+        return model
+
+    def reload(self, models):
+        """Serve exactly `models` (name -> ModelSpec): new ones are loaded,
+        removed ones retired (HandleReloadConfigRequest, a changed config file)."""
+        models = {n: s if isinstance(s, ModelSpec) else ModelSpec(s) for n, s in models.items()}
+        removed = set(self.specs) - set(models)
+        self.specs = dict(models)
+        for name in sorted(removed) + sorted(models):
+            self.sync(name)
+        log_event("config_reloaded", models=sorted(models))
 
     def start_polling(self):
-        if self.poll_seconds <= 0:
-            return
-        self._thread = threading.Thread(target=self._poll, name="keras-llm-versions", daemon=True)
-        self._thread.start()
+        if self.poll_seconds > 0:
+            self._spawn(self._poll_versions, self.poll_seconds)
+        if self.config_file and self.config_poll_seconds > 0:
+            self._config_text = self._read_config_text()
+            self._spawn(self._poll_config, self.config_poll_seconds)
 
-    def _poll(self):
-        while not self._stop.wait(self.poll_seconds):
-            for name, base in self.base_paths.items():
+    def _spawn(self, target, seconds):
+        thread = threading.Thread(target=target, args=(seconds,), name="keras-llm-versions",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _poll_versions(self, seconds):
+        while not self._stop.wait(seconds):
+            for name in list(self.specs):
                 try:
-                    newest = latest_version(base)
-                    current = self.servables.lookup(name)
-                    if current is None or newest > current.version:
-                        self._load(name, base, newest)
+                    self.sync(name)
                 except Exception as error:  # pylint: disable=broad-except
                     log_event("model_load_failed", model=name, error=str(error))
+
+    def _read_config_text(self):
+        try:
+            with open(self.config_file, encoding="utf-8") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    def _poll_config(self, seconds):
+        while not self._stop.wait(seconds):
+            text = self._read_config_text()
+            if text is None or text == self._config_text:
+                continue
+            self._config_text = text
+            try:
+                self.reload(read_model_config(self.config_file))
+            except Exception as error:  # pylint: disable=broad-except
+                log_event("config_reload_failed", file=self.config_file, error=str(error))
 
     def stop(self):
         self._stop.set()
@@ -160,10 +320,13 @@ def _rows(value, batch, dtype):
     return np.broadcast_to(value, (batch,))
 
 
-def predict_with_engine(loaded, name, inputs, context):
+def predict_with_engine(loaded, name, inputs, on_cancel=None):
     """A generation signature's outputs, computed by the engine: the same
     tokens the SavedModel's own decode loop gives (stop ids only, greedy
-    unless the request samples), padded as its outputs are."""
+    unless the request samples), padded as its outputs are.
+
+    `on_cancel(callback)` registers what to call when the caller goes away.
+    Raises ServingError."""
     meta = loaded.metadata
     most = int(meta["max_new_tokens"])
     pad = meta["tokenizer"]["pad_id"]
@@ -189,24 +352,32 @@ def predict_with_engine(loaded, name, inputs, context):
             top_p = _rows(inputs["top_p"], batch, np.float64)
             seed = _rows(inputs["seed"], batch, np.int64)
         jobs = []
-        for row, prompt in enumerate(prompts):
-            p = float(top_p[row])
-            params = SamplingParams(max_new_tokens=int(new[row]),
-                                    temperature=max(float(temperature[row]), 0.0),
-                                    top_k=max(int(top_k[row]), 0),
-                                    top_p=p if 0.0 < p <= 1.0 else 1.0, seed=int(seed[row]))
-            jobs.append(loaded.engine.submit(prompt, params, text=False))
+        try:
+            for row, prompt in enumerate(prompts):
+                p = float(top_p[row])
+                params = SamplingParams(max_new_tokens=int(new[row]),
+                                        temperature=max(float(temperature[row]), 0.0),
+                                        top_k=max(int(top_k[row]), 0),
+                                        top_p=p if 0.0 < p <= 1.0 else 1.0, seed=int(seed[row]))
+                jobs.append(loaded.engine.submit(prompt, params, text=False))
+        except Exception:
+            for job in jobs:
+                job.cancel()
+            raise
     except InvalidRequest as error:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
     except QueueFull as error:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
     except EngineStopped as error:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-    context.add_callback(lambda: [job.cancel() for job in jobs])
+        raise ServingError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+    if on_cancel is not None:
+        on_cancel(lambda: [job.cancel() for job in jobs])
     for job in jobs:
         job.done.wait()
     if any(job.result.finish_reason == "error" for job in jobs):
-        context.abort(grpc.StatusCode.INTERNAL, "generation failed")
+        raise ServingError(grpc.StatusCode.INTERNAL, "generation failed")
+    if any(job.result.finish_reason == "cancelled" for job in jobs):
+        raise ServingError(grpc.StatusCode.CANCELLED, "the request was cancelled")
     width = max(int(new.max()) if batch else 1, 1)
     tokens = np.full([batch, width], pad, np.int32)
     for row, job in enumerate(jobs):
@@ -219,12 +390,106 @@ def predict_with_engine(loaded, name, inputs, context):
     return outputs
 
 
+MAX_TENSOR_ELEMENTS = 1 << 22  # a Predict input larger than this is refused
+
+
+def tensor_from_proto(key, proto, dtype):
+    """A request's `TensorProto` as numpy, checked before anything is
+    allocated: dtype, dims >= 0, at most MAX_TENSOR_ELEMENTS, content size."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if proto.dtype != dtype.as_datatype_enum:
+        try:
+            given = tf.dtypes.as_dtype(proto.dtype).name
+        except TypeError:
+            given = f"unknown dtype enum {proto.dtype}"
+        raise ServingError(bad, f"input {key}: expects {dtype.name}, got {given}")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise ServingError(bad, f"input {key}: negative dimension in shape {dims}")
+    count = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    if count > MAX_TENSOR_ELEMENTS:
+        raise ServingError(bad, f"input {key}: {count} elements is over the limit of "
+                                f"{MAX_TENSOR_ELEMENTS}")
+    if proto.tensor_content:
+        if dtype == tf.string:
+            raise ServingError(bad, f"input {key}: string tensors cannot use tensor_content")
+        if len(proto.tensor_content) != count * dtype.size:
+            raise ServingError(bad, f"input {key}: tensor_content has "
+                                    f"{len(proto.tensor_content)} bytes, shape {dims} of "
+                                    f"{dtype.name} needs {count * dtype.size}")
+    else:
+        field = {tf.string: "string_val", tf.float32: "float_val", tf.float64: "double_val",
+                 tf.int64: "int64_val", tf.bool: "bool_val"}.get(dtype, "int_val")
+        values = len(getattr(proto, field))
+        if values > count:  # fewer repeat the last one, as TensorFlow reads them
+            raise ServingError(bad, f"input {key}: {values} values for shape {dims}")
+    try:
+        return tf.make_ndarray(proto)
+    except (TypeError, ValueError) as error:
+        raise ServingError(bad, f"input {key}: {error}") from None
+
+
+def check_inputs(model, name, inputs):
+    """The signature `name` of `model` and its inputs checked against the
+    SavedModel's signature def; raises ServingError."""
+    if name not in model.input_specs:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"Serving signature key \"{name}\" not found.")
+    spec = model.input_specs[name]
+    if set(inputs) != set(spec):
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"signature {name} expects inputs {sorted(spec)}, got "
+                           f"{sorted(inputs)}")
+    return spec
+
+
+def predict(model, name, inputs, output_filter=(), on_cancel=None):
+    """TF Serving Predict on `model` (gRPC and REST): `inputs` are numpy
+    arrays of the signature's dtypes. Returns the outputs wanted; raises
+    ServingError."""
+    spec = check_inputs(model, name, inputs)
+    for key, value in inputs.items():
+        if not spec[key].shape.is_compatible_with(value.shape):
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input {key}: shape {list(value.shape)} does not match "
+                               f"{spec[key].shape}")
+    known = set(model.signature_defs[name].outputs)
+    wanted = set(output_filter) or known
+    unknown = wanted - known
+    if unknown:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"output_filter names unknown outputs {sorted(unknown)}")
+    if name in ENGINE_SIGNATURES:
+        outputs = predict_with_engine(model.engine, name, inputs, on_cancel)
+    else:
+        try:
+            function = model.engine.signatures[name]  # loads the SavedModel on first use
+            outputs = {k: v.numpy() for k, v in function(
+                **{k: tf.constant(v) for k, v in inputs.items()}).items()}
+        except tf.errors.InvalidArgumentError as error:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               error.message.splitlines()[0]) from None
+    return {key: outputs[key] for key in sorted(wanted)}
+
+
 def result_summary(result):
     """A `Result` as the fields of the Generate stream's `Summary`."""
     return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
             "generated_tokens": len(result.token_ids), "queue_s": result.queue_s,
             "time_to_first_token_s": result.time_to_first_token_s, "total_s": result.total_s,
             "text": result.text, "token_ids": list(result.token_ids)}
+
+
+def record_request(metrics, name, summary, gaps, api):
+    """A finished generation request: its metrics and one JSON log line."""
+    if metrics is not None:
+        metrics.observe(name, summary, gaps)
+    log_event("request", model=name, api=api, finish_reason=summary["finish_reason"],
+              prompt_tokens=summary["prompt_tokens"],
+              generated_tokens=summary["generated_tokens"],
+              queue_s=round(summary["queue_s"], 4),
+              ttft_s=round(summary["time_to_first_token_s"], 4),
+              total_s=round(summary["total_s"], 4))
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -234,46 +499,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):
         model = self.servables.get(context, request.model_spec)
         name = request.model_spec.signature_name or "serving_default"
-        if name not in model.input_specs:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"Serving signature key \"{name}\" not found.")
-        spec = model.input_specs[name]
-        if set(request.inputs) != set(spec):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"signature {name} expects inputs {sorted(spec)}, got "
-                          f"{sorted(request.inputs)}")
         inputs = {}
-        for key, proto in request.inputs.items():
-            if proto.dtype != spec[key].dtype.as_datatype_enum:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"input {key}: expects {spec[key].dtype.name}, got "
-                              f"{tf.dtypes.as_dtype(proto.dtype).name}")
-            value = tf.make_ndarray(proto)
-            if not spec[key].shape.is_compatible_with(value.shape):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"input {key}: shape {list(value.shape)} does not match "
-                              f"{spec[key].shape}")
-            inputs[key] = value
-        if name in ENGINE_SIGNATURES:
-            outputs = predict_with_engine(model.engine, name, inputs, context)
-        else:
-            try:
-                function = model.engine.signatures[name]  # loads the SavedModel on first use
-                outputs = {k: v.numpy() for k, v in function(
-                    **{k: tf.constant(v) for k, v in inputs.items()}).items()}
-            except tf.errors.InvalidArgumentError as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message.splitlines()[0])
+        try:
+            spec = check_inputs(model, name, request.inputs)
+            for key, proto in request.inputs.items():
+                inputs[key] = tensor_from_proto(key, proto, spec[key].dtype)
+            outputs = predict(model, name, inputs, request.output_filter, context.add_callback)
+        except ServingError as error:
+            context.abort(error.code, error.message)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
         response.model_spec.signature_name = name
-        wanted = set(request.output_filter) or set(outputs)
-        unknown = wanted - set(outputs)
-        if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"output_filter names unknown outputs {sorted(unknown)}")
-        for key in wanted:
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
         return response
 
     def GetModelMetadata(self, request, context):
@@ -298,17 +537,42 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, servables):
+    def __init__(self, servables, manager):
         self.servables = servables
+        self.manager = manager
 
     def GetModelStatus(self, request, context):
-        model = self.servables.get(context, request.model_spec)
+        spec = request.model_spec
+        if spec.HasField("version") or spec.version_label:
+            models = [self.servables.get(context, spec)]
+        else:
+            with self.servables.lock:
+                models = sorted((self.servables.versions.get(spec.name) or {}).values(),
+                                key=lambda m: m.version)
+            if not models:
+                context.abort(grpc.StatusCode.NOT_FOUND,
+                              f"Servable not found for request: {spec.name!r}")
         response = get_model_status_pb2.GetModelStatusResponse()
-        status = response.model_version_status.add()
-        status.version = model.version
-        status.state = (get_model_status_pb2.ModelVersionStatus.AVAILABLE
-                        if model.engine.ready.is_set()
-                        else get_model_status_pb2.ModelVersionStatus.LOADING)
+        for model in models:
+            status = response.model_version_status.add()
+            status.version = model.version
+            status.state = (get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                            if model.engine.ready.is_set()
+                            else get_model_status_pb2.ModelVersionStatus.LOADING)
+        return response
+
+    def HandleReloadConfigRequest(self, request, context):
+        from tensorflow_serving.apis import model_management_pb2  # pylint: disable=import-outside-toplevel
+        response = model_management_pb2.ReloadConfigResponse()
+        if request.config.WhichOneof("config") != "model_config_list":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "only a model_config_list config is supported")
+        try:
+            models = model_specs(request.config)
+            self.manager.reload(models)
+        except (ValueError, OSError) as error:
+            response.status.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            response.status.error_message = str(error)
         return response
 
 
@@ -377,13 +641,24 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no model named {name!r}")
             engine = models[name].engine
             which = request.WhichOneof("prompt")
-            if which == "ids":
-                prompt_ids = list(request.ids.ids)
-            elif which == "text":
-                prompt_ids = engine.encode(request.text, chat=request.chat,
-                                           system=request.system)
-            else:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt as text or ids")
+            if request.messages and (which is not None or request.system):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "give messages without text, ids or system (a system message "
+                              "goes first in messages)")
+            try:
+                if request.messages:
+                    prompt_ids = engine.encode(messages=[
+                        {"role": m.role, "content": m.content} for m in request.messages])
+                elif which == "ids":
+                    prompt_ids = list(request.ids.ids)
+                elif which == "text":
+                    prompt_ids = engine.encode(request.text, chat=request.chat,
+                                               system=request.system)
+                else:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "give a prompt as text, ids or messages")
+            except ValueError as error:  # bad messages, or the chat template refused them
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             o = request.sampling
             sampling = SamplingParams(
                 max_new_tokens=o.max_new_tokens or engine.config.default_max_new_tokens,
@@ -416,14 +691,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     delta=generation_pb2.Delta(text=event[1], token_ids=event[2]))
             else:
                 summary = result_summary(event[1])
-                if self.metrics is not None:
-                    self.metrics.observe(name, summary, gaps)
-                log_event("request", model=name, finish_reason=summary["finish_reason"],
-                          prompt_tokens=summary["prompt_tokens"],
-                          generated_tokens=summary["generated_tokens"],
-                          queue_s=round(summary["queue_s"], 4),
-                          ttft_s=round(summary["time_to_first_token_s"], 4),
-                          total_s=round(summary["total_s"], 4))
+                record_request(self.metrics, name, summary, gaps, "grpc")
                 yield generation_pb2.GenerateResponse(summary=generation_pb2.Summary(**summary))
                 return
 
@@ -432,43 +700,130 @@ HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService",
                    "tensorflow.serving.ModelService", "keras_llm.serving.Generation")
 
 
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Every method but health needs `authorization: Bearer KEY` metadata."""
+
+    def __init__(self, key):
+        self._expected = f"Bearer {key}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return handler
+
+        def refuse(request, context):
+            del request
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong API key (send metadata 'authorization: Bearer KEY')")
+
+        kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream
+                else "stream_unary" if handler.stream_unary else "stream_stream")
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+def read_ssl_config(path):
+    """TF Serving's `--ssl_config_file` (text `SSLConfig`)."""
+    from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
+
+    from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
+    with open(path, encoding="utf-8") as handle:
+        config = text_format.Parse(handle.read(), config_pb2.SSLConfig())
+    if not config.server_key or not config.server_cert:
+        raise ValueError(f"{path}: server_key and server_cert are required")
+    if config.client_verify and not config.custom_ca:
+        raise ValueError(f"{path}: client_verify needs custom_ca")
+    return config
+
+
+def read_monitoring_config(path):
+    """The Prometheus path of TF Serving's `--monitoring_config_file`, or None."""
+    from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
+
+    from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
+    with open(path, encoding="utf-8") as handle:
+        config = text_format.Parse(handle.read(), config_pb2.MonitoringConfig())
+    prometheus = config.prometheus_config
+    if not prometheus.enable:
+        return None
+    return prometheus.path or "/monitoring/prometheus/metrics"
+
+
 class Server:
     """A running keras-llm server.
 
     Args:
-        models: dict name -> base path (the directory holding version dirs).
+        models: dict name -> base path (the directory holding version dirs)
+            or `ModelSpec`.
         port: gRPC port (0 picks a free one); `self.port` is the bound one.
         host: address to bind; loopback unless told otherwise.
         engine_config: `EngineConfig` for every model.
         metrics_port: serve Prometheus metrics over HTTP on this port (None: off).
         poll_seconds: how often to look for new versions (0: never).
         profiler_port: start TensorFlow's profiler server on this port.
+        rest_api_port: HTTP port (OpenAI API, TF Serving REST; None: off,
+            0: pick one); `self.rest_api_port` is the bound one.
+        api_key: required on every gRPC method and HTTP route but health.
+        ssl_config: an `SSLConfig` (`read_ssl_config`): TLS on both ports.
+        enable_reflection: gRPC server reflection (off by default).
+        monitoring_path: HTTP path of Prometheus metrics (besides /metrics).
+        config_file, config_poll_seconds: re-read a model config file.
+        grpc_options: extra gRPC server channel arguments.
+        grpc_socket_path: also listen on this UNIX socket.
+        cors: allow cross-origin HTTP requests.
+        warmup: run each step size before a version serves.
+        grace_seconds: how long `drain` lets running requests finish.
+        rest_timeout_s: deadline of a non-streaming HTTP request.
     """
 
     def __init__(self, models, port=8500, host="127.0.0.1", engine_config=None,
-                 metrics_port=None, poll_seconds=1.0, profiler_port=None, max_workers=64):
-        from grpc_reflection.v1alpha import reflection  # pylint: disable=import-outside-toplevel
-
+                 metrics_port=None, poll_seconds=1.0, profiler_port=None, max_workers=64,
+                 rest_api_port=None, api_key=None, ssl_config=None, enable_reflection=False,
+                 monitoring_path=None, config_file=None, config_poll_seconds=0.0,
+                 grpc_options=(), grpc_socket_path=None, cors=False, warmup=True,
+                 grace_seconds=30.0, rest_timeout_s=None):
         self.servables = Servables()
         self.manager = ModelManager(self.servables, models, engine_config or EngineConfig(),
-                                    poll_seconds)
+                                    poll_seconds, config_file, config_poll_seconds, warmup)
         self.metrics = Metrics(self.servables)
+        self.serving = False
+        self.loading = True
+        interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+        options = [("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.so_reuseport", 0), *grpc_options]
         self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-                                options=[("grpc.max_send_message_length", 64 << 20),
-                                         ("grpc.max_receive_message_length", 64 << 20)])
+                                options=options, interceptors=interceptors)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(self.servables), self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.servables), self.grpc)
+            ModelService(self.servables, self.manager), self.grpc)
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationService(self.servables, self.metrics), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [*HEALTH_SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        if enable_reflection:
+            from grpc_reflection.v1alpha import reflection  # pylint: disable=import-outside-toplevel
+            reflection.enable_server_reflection(
+                [*HEALTH_SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if ssl_config is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(ssl_config.server_key.encode(), ssl_config.server_cert.encode())],
+                root_certificates=ssl_config.custom_ca.encode() or None,
+                require_client_auth=bool(ssl_config.client_verify))
+            self.port = self.grpc.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if not self.port:
+            raise OSError(f"cannot bind gRPC to {host}:{port} (in use?)")
+        if grpc_socket_path:
+            self.grpc.add_insecure_port(f"unix:{grpc_socket_path}")
         self.host = host
         self.metrics_port = None
         if metrics_port is not None:
@@ -479,38 +834,117 @@ class Server:
             self.metrics_port = self._metrics_server.server_port
         if profiler_port:
             tf.profiler.experimental.server.start(profiler_port)
+        self.http = None
+        self.rest_api_port = None
+        self._tls_dir = None
+        if rest_api_port is not None:
+            from keras_llm.serving.http import Frontend, HTTPServer  # pylint: disable=import-outside-toplevel
+            app = Frontend(self, api_key=api_key, monitoring_path=monitoring_path,
+                           timeout_s=rest_timeout_s)
+            if cors:
+                from starlette.middleware.cors import CORSMiddleware  # pylint: disable=import-outside-toplevel
+                app = CORSMiddleware(app, allow_origins=["*"], allow_methods=["*"],
+                                     allow_headers=["*"])
+            self.http = HTTPServer(app, host, rest_api_port, ssl=self._http_tls(ssl_config),
+                                   grace_seconds=grace_seconds)
+            self.rest_api_port = self.http.port
         self.grpc.start()
-        self.manager.load_all()
-        for name in models:
+        try:
+            self.manager.load_all()
+        except Exception:
+            self.grpc.stop(0)
+            if self.http is not None:
+                self.http.stop(5)
+            raise
+        self.loading = False
+        for name in self.manager.specs:
             self.metrics.track(name)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         self.manager.start_polling()
-        log_event("serving", models=sorted(models), host=host, port=self.port,
-                  metrics_port=self.metrics_port)
+        log_event("serving", models=sorted(self.manager.specs), host=host, port=self.port,
+                  rest_api_port=self.rest_api_port, metrics_port=self.metrics_port,
+                  tls=ssl_config is not None, api_key=bool(api_key))
+
+    def _http_tls(self, ssl_config):
+        """uvicorn's TLS options: the PEM texts written to private files."""
+        if ssl_config is None:
+            return None
+        import ssl  # pylint: disable=import-outside-toplevel
+        import tempfile  # pylint: disable=import-outside-toplevel
+        self._tls_dir = tempfile.TemporaryDirectory(prefix="keras-llm-tls-")
+        paths = {}
+        for key in ("server_key", "server_cert", "custom_ca"):
+            text = getattr(ssl_config, key)
+            if text:
+                paths[key] = os.path.join(self._tls_dir.name, f"{key}.pem")
+                with open(os.open(paths[key], os.O_WRONLY | os.O_CREAT, 0o600), "w",
+                          encoding="utf-8") as handle:
+                    handle.write(text)
+        options = {"ssl_keyfile": paths["server_key"], "ssl_certfile": paths["server_cert"]}
+        if "custom_ca" in paths:
+            options["ssl_ca_certs"] = paths["custom_ca"]
+        if ssl_config.client_verify:
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        return options
 
     def drain(self, grace_seconds=30.0):
         """SIGTERM: stop taking work, finish running requests, then stop."""
+        self.serving = False
         self.health.enter_graceful_shutdown()
         self.manager.stop()
         with self.servables.lock:
-            models = list(self.servables.models.values())
+            models = [m for versions in self.servables.versions.values()
+                      for m in versions.values()]
         for model in models:
             model.engine.stop(timeout=grace_seconds)
         self.grpc.stop(grace_seconds).wait()
+        if self.http is not None:
+            self.http.stop(grace_seconds)
         if self.metrics_port is not None:
             self._metrics_server.shutdown()
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
         log_event("stopped")
 
 
+def model_specs(config):
+    """name -> `ModelSpec` of a `ModelServerConfig` proto."""
+    models = {}
+    for c in config.model_config_list.config:
+        if not c.name or not c.base_path:
+            raise ValueError("every model config needs a name and a base_path")
+        if c.model_platform not in ("", "tensorflow"):
+            raise ValueError(f"model {c.name}: model_platform {c.model_platform!r} is not "
+                             "supported (keras-llm serves tensorflow SavedModels)")
+        policy = c.model_version_policy.WhichOneof("policy_choice") or "latest"
+        spec = ModelSpec(c.base_path, policy, labels=dict(c.version_labels))
+        if policy == "latest":
+            spec.num_versions = c.model_version_policy.latest.num_versions or 1
+        elif policy == "specific":
+            spec.versions = tuple(c.model_version_policy.specific.versions)
+            if not spec.versions:
+                raise ValueError(f"model {c.name}: a specific version policy needs versions")
+        models[c.name] = spec
+    if not models:
+        raise ValueError("the model config lists no models")
+    return models
+
+
 def read_model_config(path):
-    """Models of a TF Serving `--model_config_file` (text ModelServerConfig)."""
+    """name -> `ModelSpec` of a TF Serving `--model_config_file` (text
+    ModelServerConfig: names, base paths, `model_version_policy`,
+    `version_labels`)."""
     from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.config import model_server_config_pb2  # pylint: disable=import-outside-toplevel
 
     with open(path, encoding="utf-8") as handle:
-        config = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
-    return {c.name: c.base_path for c in config.model_config_list.config}
+        try:
+            config = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
+        except text_format.ParseError as error:
+            raise ValueError(f"{path}: {error}") from None
+    return model_specs(config)
 
 
 def read_batching_parameters(path, config):
@@ -526,53 +960,172 @@ def read_batching_parameters(path, config):
     return config
 
 
+def _flag_bool(value):
+    """TF Serving's boolean flags: `--flag`, `--flag=true|false|1|0`."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# tensorflow_model_server flags that have no meaning here: accepted, with a
+# one-line warning, so a TF Serving command line starts keras-llm unchanged.
+IGNORED_FLAGS = {
+    "rest_api_num_threads": "HTTP runs on an event loop",
+    "per_process_gpu_memory_fraction": "the engine sizes its own memory (--kv_cache_bytes)",
+    "num_load_threads": "versions load one at a time",
+    "num_unload_threads": "versions unload one at a time",
+    "max_num_load_retries": "failed loads are retried with backoff until they succeed",
+    "load_retry_interval_micros": "failed loads are retried with backoff (1 s to 60 s)",
+    "flush_filesystem_caches": None,
+    "tensorflow_session_config_file": "no TensorFlow session serves generation",
+    "platform_config_file": "keras-llm serves tensorflow SavedModels only",
+    "saved_model_tags": "the serve tag is always used",
+    "num_request_iterations_for_warmup": None,
+    "remove_unused_fields_from_bundle_metagraph": None,
+    "prefer_tflite_model": "the export's LiteRT files are used when present (--engine_backend)",
+    "use_tflite_model": "the export's LiteRT files are used when present (--engine_backend)",
+    "tflite_interpreter_pool_size": "one interpreter decodes every slot",
+    "enable_signature_method_name_check": None,
+    "xla_cpu_compilation_enabled": "XLA is used by the saved_model backend",
+    "enable_profiler": "use --profiler_port",
+    "mixed_precision": "precision is chosen at export",
+    "skip_initialize_tpu": None,
+    "thread_pool_factory_config_file": None,
+    "enable_per_model_batching_parameters": "one batching parameters file for every model",
+    "allow_version_labels_for_unavailable_models": None,
+    "enable_grpc_healthcheck_service": "grpc.health.v1 is always on",
+    "use_alts_credentials": "use --ssl_config_file",
+    "model_warmup_options": None,
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-llm serve",
+        description="Serve keras-llm exports over gRPC (TF Serving's API plus streaming "
+                    "generation) and HTTP (--rest_api_port: the OpenAI API and TF Serving's "
+                    "REST API). tensorflow_model_server's flags are accepted.")
+    add = parser.add_argument
+    flag = dict(type=_flag_bool, nargs="?", const=True)
+    add("--port", type=int, default=8500, help="gRPC port")
+    add("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    add("--grpc_socket_path", default="", help="also serve gRPC on this UNIX socket")
+    add("--rest_api_port", type=int, default=0,
+        help="HTTP port for the OpenAI API and TF Serving's REST API (0: off)")
+    add("--rest_api_timeout_in_ms", type=int, default=0,
+        help="deadline of a non-streaming HTTP request (0: none)")
+    add("--rest_api_enable_cors_support", default=False, **flag)
+    add("--model_name", default=None)
+    add("--model_base_path")
+    add("--model_config_file", help="TF Serving model config (several models, versions, labels)")
+    add("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+        help="re-read --model_config_file this often (0: never)")
+    add("--file_system_poll_wait_seconds", type=float, default=1.0)
+    add("--enable_batching", default=None, **flag)
+    add("--batching_parameters_file")
+    add("--monitoring_config_file", help="Prometheus on the HTTP port (prometheus_config)")
+    add("--ssl_config_file", help="TLS on gRPC and HTTP (server_key, server_cert, custom_ca, "
+                                  "client_verify)")
+    add("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or @FILE)")
+    add("--enable_reflection", default=False, **flag)
+    add("--grpc_max_threads", type=int, default=64)
+    add("--grpc_channel_arguments", default="", help="k=v,k=v gRPC server arguments")
+    add("--tensorflow_session_parallelism", type=int, default=0)
+    add("--tensorflow_intra_op_parallelism", type=int, default=0)
+    add("--tensorflow_inter_op_parallelism", type=int, default=0)
+    add("--tflite_num_threads", type=int, default=0)
+    add("--enable_model_warmup", default=True, **flag)
+    add("--version", action="store_true", help="print the version and exit")
+    add("--max_slots", type=int, default=None)
+    add("--max_queue", type=int, default=None)
+    add("--max_length", type=int, default=1024,
+        help="tokens per sequence slot (prompt bucket + new tokens)")
+    add("--engine_backend", choices=("auto", "litert", "saved_model"), default="auto",
+        help="decode with the export's LiteRT file when it has one (auto), always (litert) or "
+             "with its XLA functions (saved_model)")
+    add("--num_threads", type=int, default=0, help="LiteRT threads (0: every core)")
+    add("--kv_cache_bytes", type=int, default=0,
+        help="memory budget of the KV cache per model (0: max_slots slots)")
+    add("--metrics_port", type=int, default=None)
+    add("--profiler_port", type=int, default=None)
+    add("--grace_period_s", type=float, default=30.0)
+    for name in IGNORED_FLAGS:
+        add(f"--{name}", default=None, nargs="?", const="true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _channel_arguments(text):
+    options = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--grpc_channel_arguments: {item!r} is not key=value")
+        options.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return options
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="keras-llm serve",
-                                     description="Serve keras-llm exports over gRPC.")
-    parser.add_argument("--port", type=int, default=8500)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default loopback; 0.0.0.0 for all)")
-    parser.add_argument("--model_name")
-    parser.add_argument("--model_base_path")
-    parser.add_argument("--model_config_file", help="TF Serving model config (several models)")
-    parser.add_argument("--batching_parameters_file")
-    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
-    parser.add_argument("--max_slots", type=int, default=None)
-    parser.add_argument("--max_queue", type=int, default=None)
-    parser.add_argument("--max_length", type=int, default=1024,
-                        help="tokens per sequence slot (prompt bucket + new tokens)")
-    parser.add_argument("--engine_backend", choices=("auto", "litert", "saved_model"),
-                        default="auto",
-                        help="decode with the export's LiteRT file when it has one (auto), "
-                             "always (litert) or with its XLA functions (saved_model)")
-    parser.add_argument("--num_threads", type=int, default=0,
-                        help="LiteRT threads (0: every core)")
-    parser.add_argument("--kv_cache_bytes", type=int, default=0,
-                        help="memory budget of the KV cache per model (0: max_slots slots)")
-    parser.add_argument("--metrics_port", type=int, default=None)
-    parser.add_argument("--profiler_port", type=int, default=None)
-    parser.add_argument("--grace_period_s", type=float, default=30.0)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        from importlib.metadata import version  # pylint: disable=import-outside-toplevel
+        print(f"keras-llm serve {version('keras-llm')} (TensorFlow {tf.__version__})")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, why in IGNORED_FLAGS.items():
+        if getattr(args, name) is not None:
+            LOG.warning("--%s has no effect in keras-llm serve%s", name, f": {why}" if why else "")
+    if args.enable_batching is not None and args.enable_batching is False:
+        LOG.warning("--enable_batching=false: keras-llm always batches concurrent requests")
     if args.model_config_file:
         models = read_model_config(args.model_config_file)
-    elif args.model_name and args.model_base_path:
-        models = {args.model_name: args.model_base_path}
+    elif args.model_base_path:
+        models = {args.model_name or "default": args.model_base_path}
     else:
-        parser.error("give --model_name and --model_base_path, or --model_config_file")
+        parser.error("give --model_base_path (and --model_name), or --model_config_file")
+    threads = (args.tflite_num_threads or args.tensorflow_intra_op_parallelism
+               or args.tensorflow_session_parallelism or args.num_threads)
+    intra = args.tensorflow_intra_op_parallelism or args.tensorflow_session_parallelism
+    inter = args.tensorflow_inter_op_parallelism or args.tensorflow_session_parallelism
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes,
-                          backend=args.engine_backend, num_threads=args.num_threads)
+                          backend=args.engine_backend, num_threads=threads)
     if args.batching_parameters_file:
         read_batching_parameters(args.batching_parameters_file, config)
     if args.max_slots:
         config.max_slots = args.max_slots
     if args.max_queue:
         config.max_queue = args.max_queue
-    server = Server(models, args.port, args.host, config, metrics_port=args.metrics_port,
-                    poll_seconds=args.file_system_poll_wait_seconds,
-                    profiler_port=args.profiler_port)
-    print(f"keras-llm serving {', '.join(sorted(models))} on {args.host}:{server.port}",
-          flush=True)
+    api_key = args.api_key or os.environ.get("KERAS_LLM_API_KEY") or None
+    if api_key and api_key.startswith("@"):
+        with open(api_key[1:], encoding="utf-8") as handle:
+            api_key = handle.read().strip()
+    server = Server(
+        models, args.port, args.host, config, metrics_port=args.metrics_port,
+        poll_seconds=args.file_system_poll_wait_seconds, profiler_port=args.profiler_port,
+        max_workers=args.grpc_max_threads, rest_api_port=args.rest_api_port or None,
+        api_key=api_key,
+        ssl_config=read_ssl_config(args.ssl_config_file) if args.ssl_config_file else None,
+        enable_reflection=args.enable_reflection,
+        monitoring_path=(read_monitoring_config(args.monitoring_config_file)
+                         if args.monitoring_config_file else None),
+        config_file=args.model_config_file,
+        config_poll_seconds=args.model_config_file_poll_wait_seconds,
+        grpc_options=_channel_arguments(args.grpc_channel_arguments),
+        grpc_socket_path=args.grpc_socket_path or None,
+        cors=args.rest_api_enable_cors_support, warmup=args.enable_model_warmup,
+        grace_seconds=args.grace_period_s,
+        rest_timeout_s=args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms else None)
+    where = f"{args.host}:{server.port}"
+    if server.rest_api_port:
+        where += f" (HTTP {server.rest_api_port})"
+    print(f"keras-llm serving {', '.join(sorted(models))} on {where}", flush=True)
     done = threading.Event()
 
     def on_signal(*_):

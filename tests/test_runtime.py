@@ -19,7 +19,7 @@ from keras_llm.runtime.params import InvalidParams, SamplingParams
 from keras_llm.runtime.sequence import Sequence
 from keras_llm.runtime.tokenizer import HostTokenizer
 from keras_llm.runtime.xla import XLABackend
-from tests.helpers import REPO, byte_level_tokenizer, tiny_language_model
+from tests.helpers import REPO, SMOLLM2_CHAT_TEMPLATE, byte_level_tokenizer, tiny_language_model
 
 
 # ----- SamplingParams ----------------------------------------------------------
@@ -141,6 +141,32 @@ def test_host_tokenizer_matches_the_graph_tokenizer():
     assert host.decode(ids) == graph.decode(ids) == "héllo 🤖"
     assert host.apply_chat_template("hi", system="be brief") == graph.apply_chat_template(
         "hi", system="be brief")
+    templated = byte_level_tokenizer(["h e"], chat_template=SMOLLM2_CHAT_TEMPLATE)
+    host = HostTokenizer(templated.get_config())
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "more"}]
+    assert host.apply_chat_template(messages) == templated.apply_chat_template(messages)
+    assert host.apply_chat_template(messages).startswith("<|im_start|>system\nYou are")
+
+
+def test_language_model_takes_a_conversation_with_chat():
+    lm = tiny_language_model(seed=3, chat_template=SMOLLM2_CHAT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    text = lm.host_tokenizer.apply_chat_template(messages)
+    assert lm.encode(messages, chat=True) == lm.encode(text)
+    assert lm.encode("more", chat=True) == lm.encode(lm.host_tokenizer.apply_chat_template("more"))
+    with pytest.raises(ValueError, match="chat=True"):
+        lm.encode(messages)
+    with pytest.raises(ValueError, match="role"):
+        lm.encode([{"role": "robot", "content": "x"}], chat=True)
+    completion = lm.generate(messages, chat=True, max_new_tokens=5, ignore_eos=True)
+    assert completion.prompt_token_ids == lm.encode(text)
+    assert completion.token_ids == lm.generate(text, max_new_tokens=5, ignore_eos=True).token_ids
+    batch = lm.generate([messages, messages[:2]], chat=True, max_new_tokens=5, ignore_eos=True)
+    assert batch[0].token_ids == completion.token_ids
+    final = list(lm.stream(messages, chat=True, max_new_tokens=5, ignore_eos=True))[-1]
+    assert final.token_ids == completion.token_ids
 
 
 # ----- the engine over both backends ----------------------------------------------
@@ -190,6 +216,37 @@ def test_stream_yields_what_generate_returns(tiny_dir):
     assert [t for _, ids in items[:-1] for t in ids] == final.token_ids
     assert final.token_ids == lm.generate("hello 你好", chat=True, max_new_tokens=12,
                                           ignore_eos=True).token_ids
+
+
+def test_logprobs_on_both_backends_are_the_models(tiny_dir):
+    """Each generated token's logprob (and the best alternatives) equals the
+    log-softmax of the Keras model's logits at that position."""
+    lm, directory = tiny_dir
+    prompt = lm.encode("hello")
+    for backend in ("litert", "xla"):
+        model = keras_llm.load(directory, backend=backend, progress=False)
+        params = SamplingParams(max_new_tokens=4, temperature=0.8, seed=2, logprobs=3,
+                                ignore_eos=True)
+        [result] = model.engine.generate([prompt], params)
+        assert len(result.logprobs) == len(result.token_ids) == 4
+        ids = prompt + result.token_ids
+        logits = lm.model(tf.constant([ids], tf.int32)).numpy()[0].astype(np.float64)
+        for step, entry in enumerate(result.logprobs):
+            row = logits[len(prompt) - 1 + step]
+            expected = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+            assert entry.token_id == result.token_ids[step]
+            np.testing.assert_allclose(entry.logprob, expected[entry.token_id], atol=2e-3)
+            best = np.argsort(-expected)[:3]
+            assert [i for i, _ in entry.top] == best.tolist(), backend
+            np.testing.assert_allclose([lp for _, lp in entry.top], expected[best], atol=2e-3)
+        # Without logprobs the same request gives the same tokens.
+        [plain] = model.engine.generate([prompt], SamplingParams(
+            max_new_tokens=4, temperature=0.8, seed=2, ignore_eos=True))
+        assert plain.token_ids == result.token_ids and plain.logprobs is None
+    with pytest.raises(InvalidParams, match="at most 20"):
+        SamplingParams(logprobs=21).validate()
+    with pytest.raises(InvalidParams, match=">= 0"):
+        SamplingParams(logprobs=-1).validate()
 
 
 def test_engine_refuses_what_does_not_fit(tiny_dir):

@@ -15,14 +15,14 @@ from keras_llm.export.saved_model import export_model
 from keras_llm.serving.engine import EngineConfig
 from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 from keras_llm.serving.server import Server
-from tests.helpers import tiny_language_model
+from tests.helpers import SMOLLM2_CHAT_TEMPLATE, tiny_language_model
 
 DEADLINE = 120
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return tiny_language_model(seed=6)
+    return tiny_language_model(seed=6, chat_template=SMOLLM2_CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def server(lm, tmp_path_factory):
     export_model(lm, base.parent, "tiny", max_new_tokens=16, progress=False)
     config = EngineConfig(max_slots=4, max_queue=3, max_length=128, prompt_bucket=16)
     srv = Server({"tiny": str(base)}, port=0, engine_config=config, metrics_port=0,
-                 poll_seconds=0)
+                 poll_seconds=0, enable_reflection=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     SERVERS[id(srv.servables)] = srv
     yield channel, srv.servables
@@ -39,13 +39,16 @@ def server(lm, tmp_path_factory):
     srv.drain(0)
 
 
-def stream(channel, text=None, ids=None, **sampling):
+def stream(channel, text=None, ids=None, messages=None, chat=False, system="", **sampling):
     stub = generation_pb2_grpc.GenerationStub(channel)
-    request = generation_pb2.GenerateRequest(sampling=generation_pb2.SamplingOptions(**sampling))
+    request = generation_pb2.GenerateRequest(chat=chat, system=system,
+                                             sampling=generation_pb2.SamplingOptions(**sampling))
     if ids is not None:
         request.ids.ids.extend(ids)
-    else:
+    if text is not None:
         request.text = text
+    for message in messages or ():
+        request.messages.add(role=message["role"], content=message["content"])
     deltas, summary = [], None
     for response in stub.Generate(request, timeout=DEADLINE):
         if response.HasField("delta"):
@@ -166,6 +169,42 @@ def test_invalid_generation_requests(server):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and you?"}]
+
+
+def test_messages_are_rendered_by_the_chat_template(lm, server):
+    channel, _ = server
+    rendered = lm.host_tokenizer.apply_chat_template(CONVERSATION)
+    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>")  # the model's template
+    _, by_messages = stream(channel, messages=CONVERSATION, max_new_tokens=8, ignore_eos=True)
+    _, by_text = stream(channel, text=rendered, max_new_tokens=8, ignore_eos=True)
+    assert by_messages.prompt_tokens == len(lm.host_tokenizer.encode(rendered))
+    assert list(by_messages.token_ids) == list(by_text.token_ids)
+    assert list(by_messages.token_ids) == lm.generate(CONVERSATION, chat=True, max_new_tokens=8,
+                                                      ignore_eos=True).token_ids
+    # One user turn as messages is the chat=True text prompt (default system message included).
+    _, one = stream(channel, messages=CONVERSATION[1:2], max_new_tokens=4)
+    _, chat = stream(channel, text="hi", chat=True, max_new_tokens=4)
+    assert one.prompt_tokens == chat.prompt_tokens and list(one.token_ids) == list(chat.token_ids)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(messages=[{"role": "robot", "content": "hi"}]),
+    dict(messages=CONVERSATION[:1] + [{"role": "user", "content": "x" * 200}]),
+    dict(messages=CONVERSATION[1:2], text="hi"),
+    dict(messages=CONVERSATION[1:2], ids=[5, 6]),
+    dict(messages=CONVERSATION[1:2], system="Be brief."),
+])
+def test_invalid_messages(server, kwargs):
+    channel, _ = server
+    with pytest.raises(grpc.RpcError) as info:
+        stream(channel, max_new_tokens=4, **kwargs)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+    if kwargs["messages"][0]["role"] == "robot":
+        assert "role must be one of system, user, assistant" in info.value.details()
+
+
 def test_cancel_frees_slot_and_queue_limit(server):
     channel, servables = server
     engine = servables.models["tiny"].engine
@@ -249,6 +288,56 @@ def test_client_commands(server, capsys, monkeypatch):
     assert "model> " in capsys.readouterr().out
     assert cli.main(["client", "--target", target, "--model_name", "nope", "--prompt", "x"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def _chat(server, monkeypatch, stdin, *flags):
+    """Runs `keras-llm chat` on `stdin` against the fixture's server; returns
+    its exit status and the messages of every request it sent."""
+    import io
+
+    from keras_llm import cli
+    from keras_llm.serving.client import Client
+    _, servables = server
+    sent, original = [], Client.stream_responses
+
+    def recording(self, prompt=None, **kwargs):
+        sent.append([dict(m) for m in kwargs.get("messages") or ()])
+        yield from original(self, prompt, **kwargs)
+
+    monkeypatch.setattr(Client, "stream_responses", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = cli.main(["chat", "--target", f"127.0.0.1:{SERVERS[id(servables)].port}",
+                     "--max-new-tokens", "4", *flags])
+    return code, sent
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def test_chat_command_keeps_the_conversation(server, capsys, monkeypatch):
+    code, sent = _chat(server, monkeypatch, "hello\nworld\n/reset\nagain\n",
+                       "--system", "Be brief.")
+    out = capsys.readouterr().out
+    assert code == 0 and len(sent) == 3
+    assert sent[0] == [SYSTEM, {"role": "user", "content": "hello"}]
+    first_answer = sent[1][2]
+    assert sent[1] == sent[0] + [first_answer, {"role": "user", "content": "world"}]
+    assert first_answer["role"] == "assistant" and "model> " + first_answer["content"] in out
+    assert sent[2] == [SYSTEM, {"role": "user", "content": "again"}]  # after /reset
+    assert "(new conversation)" in out
+
+
+def test_chat_command_drops_the_oldest_turns_that_do_not_fit(lm, server, capsys, monkeypatch):
+    first, second = "a" * 40, "b" * 40
+    limit = 128  # the fixture's max_length; 4 new tokens per turn
+    alone = [SYSTEM, {"role": "user", "content": second}]
+    assert len(lm.encode(alone, chat=True)) + 4 <= limit
+    code, sent = _chat(server, monkeypatch, f"{first}\n{second}\n", "--system", "Be brief.")
+    err = capsys.readouterr().err
+    assert code == 0 and len(sent) == 3, err
+    assert len(sent[1]) == 4 and len(lm.encode(sent[1], chat=True)) + 4 > limit  # refused
+    assert sent[2] == alone  # the oldest exchange dropped, the system message kept
+    assert "dropped the oldest 1 exchange" in err and len(err.strip().splitlines()) == 1
 
 
 def test_kv_cache_sized_from_memory_budget_and_batching_file(server, tmp_path):

@@ -75,7 +75,9 @@ def test_model_config_file_serves_several_models(tmp_path):
         "}\n")
     from keras_llm.serving.server import read_model_config
     models = read_model_config(str(config_path))
-    assert models == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    assert {name: spec.base_path for name, spec in models.items()} == {
+        "a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    assert all(spec.policy == "latest" and spec.num_versions == 1 for spec in models.values())
     server = Server(models, port=0, engine_config=EngineConfig(max_slots=2, max_length=64,
                                                                prompt_bucket=16), poll_seconds=0)
     try:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from keras_llm.runtime.params import InvalidParams, SamplingParams
-from keras_llm.runtime.sampling import sample
+from keras_llm.runtime.sampling import sample, token_logprobs
 from keras_llm.runtime.sequence import Sequence
 
 LOG = logging.getLogger("keras_llm.runtime.engine")
@@ -87,6 +87,8 @@ class Result:
         prompt_tokens: prompt length.
         queue_s, time_to_first_token_s, total_s: from submission.
         decode_s: from the first token to the last.
+        logprobs: with `SamplingParams.logprobs`, one `TokenLogprob` per
+            generated token; else None.
     """
 
     token_ids: list
@@ -97,6 +99,17 @@ class Result:
     time_to_first_token_s: float
     decode_s: float
     total_s: float
+    logprobs: list | None = None
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives
+    (`[(id, logprob)]`, best first)."""
+
+    token_id: int
+    logprob: float
+    top: list
 
 
 def decode_rate(results):
@@ -109,14 +122,18 @@ def decode_rate(results):
 
 
 class Request:
-    """One request; the scheduler fills `events` with `("delta", text, ids)`
-    items and finally `("done", Result)`."""
+    """One request; the scheduler puts `("delta", text, ids, logprobs)`
+    items into `events` (logprobs: a `TokenLogprob` per id, or None) and
+    finally `("done", Result)`. `events` is a `queue.Queue` unless the
+    caller gave its own object with a `put` method (the HTTP server's
+    bridge into its event loop)."""
 
-    def __init__(self, prompt_ids, params, sequence):
+    def __init__(self, prompt_ids, params, sequence, events=None):
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sequence = sequence
-        self.events = queue.Queue()
+        self.events = queue.Queue() if events is None else events
+        self.logprobs = None if params.logprobs is None else []
         self.cancelled = threading.Event()
         self.created = time.perf_counter()
         self.started = None
@@ -170,8 +187,11 @@ class Engine:
 
     # ----- public interface ------------------------------------------------
 
-    def submit(self, prompt_ids, params, text=True):
-        """Queue a request; raises InvalidRequest, QueueFull or EngineStopped at once."""
+    def submit(self, prompt_ids, params, text=True, events=None):
+        """Queue a request; raises InvalidRequest, QueueFull or EngineStopped at once.
+
+        `events`: where the request's events go (an object with `put`; only
+        with a started engine). Default: a new `queue.Queue`."""
         try:
             params = dataclasses.replace(params).validate()
         except InvalidParams as error:
@@ -188,7 +208,9 @@ class Engine:
                 f"the per-sequence limit of {self.max_length} positions")
         decoder = (self.tokenizer.stream_decoder() if text and self.tokenizer is not None
                    else _NoText())
-        request = Request(ids, params, Sequence(params, self.stop_ids, decoder))
+        if events is not None and self._thread is None:
+            raise ValueError("an events sink needs a started engine")
+        request = Request(ids, params, Sequence(params, self.stop_ids, decoder), events)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("this engine is no longer taking requests")
@@ -318,23 +340,24 @@ class Engine:
         self._slots[index] = request
         p = request.params
         token = sample(logits[np.newaxis], p.temperature, p.top_k, p.top_p, p.seed, 0)[0]
-        self._emit(index, int(token))
+        self._emit(index, int(token), logits)
 
     def _step(self):
         rows = [i for i, r in enumerate(self._slots) if r is not None]
         requests = [self._slots[i] for i in rows]
         tokens = np.array([r.sequence.tokens[-1] for r in requests], np.int32)
         sampled = [r for r in requests if not r.params.greedy]
-        greedy, logits = self.backend.step(tokens, rows, need_logits=bool(sampled))
+        scored = any(r.logprobs is not None for r in requests)
+        greedy, logits = self.backend.step(tokens, rows, need_logits=bool(sampled) or scored)
         if sampled:
             params = [r.params for r in requests]
             greedy = sample(logits, [p.temperature for p in params], [p.top_k for p in params],
                             [p.top_p for p in params], [p.seed for p in params],
                             [len(r.sequence.tokens) for r in requests])
-        for index, token in zip(rows, greedy):
-            self._emit(index, int(token))
+        for row, (index, token) in enumerate(zip(rows, greedy)):
+            self._emit(index, int(token), logits[row] if scored else None)
 
-    def _emit(self, index, token):
+    def _emit(self, index, token, logits=None):
         request = self._slots[index]
         if request.cancelled.is_set():
             self._finish(index, "cancelled")
@@ -347,8 +370,12 @@ class Engine:
         count = len(seq.tokens)
         delta = seq.push(token)
         new = seq.tokens[count:]
+        scores = None
+        if new and request.logprobs is not None:
+            scores = [TokenLogprob(token, *token_logprobs(logits, token, request.params.logprobs))]
+            request.logprobs.extend(scores)
         if delta or new:
-            request.events.put(("delta", delta, new))
+            request.events.put(("delta", delta, new, scores))
         if seq.done:
             self._finish(index, seq.finish_reason)
 
@@ -359,7 +386,7 @@ class Engine:
         seq = request.sequence
         tail = seq.finish(reason) if not seq.done or reason != seq.finish_reason else ""
         if tail:
-            request.events.put(("delta", tail, []))
+            request.events.put(("delta", tail, [], None))
         now = time.perf_counter()
         started = request.started or now
         first = request.first_token_at or now
@@ -367,7 +394,8 @@ class Engine:
             token_ids=list(seq.tokens), text=seq.text, finish_reason=seq.finish_reason,
             prompt_tokens=len(request.prompt_ids), queue_s=started - request.created,
             time_to_first_token_s=first - request.created,
-            decode_s=(request.last_token_at or first) - first, total_s=now - request.created)
+            decode_s=(request.last_token_at or first) - first, total_s=now - request.created,
+            logprobs=request.logprobs)
         request.error = error
         request.events.put(("done", request.result))
         request.done.set()

@@ -10,6 +10,9 @@ import math
 import numbers
 
 
+MAX_LOGPROBS = 20
+
+
 class InvalidParams(ValueError):
     """A sampling parameter is out of range or of the wrong type."""
 
@@ -30,6 +33,10 @@ class SamplingParams:
         stop: strings that end the sequence; the text returned stops before
             the first of them. Empty strings are an error.
         ignore_eos: keep going past the model's own stop ids.
+        logprobs: None for none; else each generated token comes with its
+            log-probability under the model (raw logits, before temperature
+            or top-k/top-p) and the `logprobs` most likely alternatives
+            (0 to 20).
 
     Example:
         >>> SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1).validate()
@@ -43,6 +50,7 @@ class SamplingParams:
     stop_ids: tuple = ()
     stop: tuple = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def validate(self):
         """Check every field; returns self. Raises `InvalidParams`."""
@@ -84,6 +92,10 @@ class SamplingParams:
             raise InvalidParams(f"stop_ids must be non-negative integers, got {list(ids)}")
         self.stop_ids = tuple(int(i) for i in ids)
         self.ignore_eos = bool(self.ignore_eos)
+        if self.logprobs is not None:
+            integer("logprobs", 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise InvalidParams(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
         return self
 
     @property

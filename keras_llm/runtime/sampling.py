@@ -75,3 +75,17 @@ def sample(logits, temperature, top_k, top_p, seeds, steps):
                                float(top_p[row]))
             tokens[row] = int(np.argmax(filtered + gumbel[j]))
     return tokens
+
+
+def token_logprobs(logits, token, top):
+    """`(logprob of token, [(id, logprob)] of the `top` most likely ids)`
+    under the model's raw distribution (`logits`: `(V,)`)."""
+    row = np.asarray(logits, np.float64)
+    peak = row.max()
+    logprobs = row - (peak + np.log(np.exp(row - peak).sum()))
+    best = []
+    if top > 0:
+        ids = np.argpartition(-logprobs, top - 1)[:top]
+        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+        best = [(int(i), float(logprobs[i])) for i in ids]
+    return float(logprobs[int(token)]), best

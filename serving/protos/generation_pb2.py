@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fserving/protos/generation.proto\x12\x11keras_llm.serving\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9e\x01\n\x0fSamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08stop_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x03ids\x18\x03 \x01(\x0b\x32\x1b.keras_llm.serving.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12\x0e\n\x06system\x18\x05 \x01(\t\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".keras_llm.serving.SamplingOptionsB\x08\n\x06prompt\"(\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb3\x01\n\x07Summary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x11\n\ttoken_ids\x18\x08 \x03(\x05\"t\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.keras_llm.serving.DeltaH\x00\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.keras_llm.serving.SummaryH\x00\x42\x06\n\x04kind2c\n\nGeneration\x12U\n\x08Generate\x12\".keras_llm.serving.GenerateRequest\x1a#.keras_llm.serving.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fserving/protos/generation.proto\x12\x11keras_llm.serving\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9e\x01\n\x0fSamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08stop_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x03ids\x18\x03 \x01(\x0b\x32\x1b.keras_llm.serving.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12\x0e\n\x06system\x18\x05 \x01(\t\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".keras_llm.serving.SamplingOptions\x12\x30\n\x08messages\x18\x07 \x03(\x0b\x32\x1e.keras_llm.serving.ChatMessageB\x08\n\x06prompt\"(\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb3\x01\n\x07Summary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x11\n\ttoken_ids\x18\x08 \x03(\x05\"t\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.keras_llm.serving.DeltaH\x00\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.keras_llm.serving.SummaryH\x00\x42\x06\n\x04kind2c\n\nGeneration\x12U\n\x08Generate\x12\".keras_llm.serving.GenerateRequest\x1a#.keras_llm.serving.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_end=77
   _globals['_SAMPLINGOPTIONS']._serialized_start=80
   _globals['_SAMPLINGOPTIONS']._serialized_end=238
-  _globals['_GENERATEREQUEST']._serialized_start=241
-  _globals['_GENERATEREQUEST']._serialized_end=432
-  _globals['_DELTA']._serialized_start=434
-  _globals['_DELTA']._serialized_end=474
-  _globals['_SUMMARY']._serialized_start=477
-  _globals['_SUMMARY']._serialized_end=656
-  _globals['_GENERATERESPONSE']._serialized_start=658
-  _globals['_GENERATERESPONSE']._serialized_end=774
-  _globals['_GENERATION']._serialized_start=776
-  _globals['_GENERATION']._serialized_end=875
+  _globals['_CHATMESSAGE']._serialized_start=240
+  _globals['_CHATMESSAGE']._serialized_end=284
+  _globals['_GENERATEREQUEST']._serialized_start=287
+  _globals['_GENERATEREQUEST']._serialized_end=528
+  _globals['_DELTA']._serialized_start=530
+  _globals['_DELTA']._serialized_end=570
+  _globals['_SUMMARY']._serialized_start=573
+  _globals['_SUMMARY']._serialized_end=752
+  _globals['_GENERATERESPONSE']._serialized_start=754
+  _globals['_GENERATERESPONSE']._serialized_end=870
+  _globals['_GENERATION']._serialized_start=872
+  _globals['_GENERATION']._serialized_end=971
 # @@protoc_insertion_point(module_scope)
