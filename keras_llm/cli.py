@@ -465,7 +465,13 @@ def _main(argv):
     if argv[:1] == ["serve"]:  # TF Serving's flag names: parsed by the server itself
         from keras_llm.serving.server import main as serve  # pylint: disable=import-outside-toplevel
 
-        return serve(argv[1:])
+        try:
+            return serve(argv[1:])
+        except (OSError, ValueError, RuntimeError) as error:  # bad config, port in use, ...
+            if os.environ.get("KERAS_LLM_DEBUG") == "1":
+                raise
+            print(f"keras-llm serve: error: {error}", file=sys.stderr)
+            return 2
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
     parser = build_parser()

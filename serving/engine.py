@@ -42,6 +42,7 @@ class EngineConfig:
         backend: "auto" (the export's LiteRT file when it has one, else its
             XLA functions), "litert" or "saved_model".
         num_threads: LiteRT threads (0: every core).
+        max_batch_size: most rows in one Predict request (more: INVALID_ARGUMENT).
     """
 
     max_slots: int = 16
@@ -52,6 +53,7 @@ class EngineConfig:
     default_max_new_tokens: int = 128
     backend: str = "auto"
     num_threads: int = 0
+    max_batch_size: int = 64
 
 
 class ExportedModel:
@@ -155,6 +157,15 @@ class ExportedModel:
             text = self.tokenizer.apply_chat_template(messages, system=system or None)
         elif chat:
             text = self.tokenizer.apply_chat_template(text, system=system or None)
+        # A token covers at most `max_token_bytes` bytes: a text longer than
+        # that many per position cannot fit, and is refused before tokenizing.
+        limit = self.max_length * self.tokenizer.max_token_bytes
+        # Characters <= bytes: a text with more characters than the limit is
+        # refused without encoding a copy of it.
+        size = len(text) if len(text) > limit else len(text.encode("utf-8", errors="replace"))
+        if size > limit:
+            raise InvalidRequest(f"prompt of {size} bytes or more exceeds the per-sequence limit of "
+                                 f"{self.max_length} positions")
         return self.tokenizer.encode(text)
 
     def stats(self):

@@ -75,7 +75,7 @@ UNSUPPORTED = {
     "guided_json": bool, "guided_regex": bool, "guided_choice": bool, "guided_grammar": bool,
 }
 
-MAX_BODY_BYTES = 16 << 20
+MAX_BODY_BYTES = 8 << 20  # as gRPC's MAX_MESSAGE_BYTES
 
 
 class ApiError(Exception):
@@ -85,7 +85,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or {400: "invalid_request_error", 401: "invalid_request_error",
-                             404: "invalid_request_error", 429: "rate_limit_error",
+                             404: "invalid_request_error", 413: "invalid_request_error",
+                             429: "rate_limit_error",
                              503: "service_unavailable"}.get(status, "server_error")
 
     def body(self):
@@ -451,8 +452,7 @@ class Frontend:
             messages = self._messages(body)
 
             def encode(exported):
-                text = exported.tokenizer.apply_chat_template(messages)
-                return [exported.tokenizer.encode(text)]
+                return [exported.encode(messages=messages)]
 
             model, _, params, queue, jobs = await self._submit(body, encode, chat=True)
         except ApiError as error:
@@ -530,7 +530,7 @@ class Frontend:
                                param="echo")
 
             def encode(exported):
-                return [exported.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                return [exported.encode(p) if isinstance(p, str) else list(p)
                         for p in prompts]
 
             model, ids, params, queue, jobs = await self._submit(body, encode, chat=False)

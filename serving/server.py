@@ -391,6 +391,7 @@ def predict_with_engine(loaded, name, inputs, on_cancel=None):
 
 
 MAX_TENSOR_ELEMENTS = 1 << 22  # a Predict input larger than this is refused
+MAX_MESSAGE_BYTES = 8 << 20  # gRPC requests (HTTP bodies too): RESOURCE_EXHAUSTED past it
 
 
 def tensor_from_proto(key, proto, dtype):
@@ -448,6 +449,17 @@ def predict(model, name, inputs, output_filter=(), on_cancel=None):
     arrays of the signature's dtypes. Returns the outputs wanted; raises
     ServingError."""
     spec = check_inputs(model, name, inputs)
+    most = model.engine.config.max_batch_size
+    for key, value in inputs.items():
+        if value.ndim and value.shape[0] > most:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input {key}: a batch of {value.shape[0]} rows is over the "
+                               f"limit of {most} (--max_batch_size)")
+    ids = inputs.get("token_ids")
+    if ids is not None and ids.ndim == 2 and ids.shape[1] > model.engine.context_length:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"input token_ids: {ids.shape[1]} positions exceed the model's "
+                           f"context of {model.engine.context_length}")
     for key, value in inputs.items():
         if not spec[key].shape.is_compatible_with(value.shape):
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -598,21 +610,22 @@ class Metrics:
         self.generated_tokens = prom.Counter("keras_llm_generation_tokens", "Generated tokens", **kw)
         self.requests = prom.Counter("keras_llm_requests", "Finished generation requests",
                                      registry=self.registry, labelnames=["model", "finish_reason"])
-        running = prom.Gauge("keras_llm_requests_running", "Requests in a sequence slot", **kw)
+        running = prom.Gauge("keras_llm_requests_running",
+                             "Requests in a sequence slot or being prefilled into one", **kw)
+        prefilling = prom.Gauge("keras_llm_requests_prefilling",
+                                "Requests being prefilled into a slot", **kw)
         waiting = prom.Gauge("keras_llm_requests_waiting", "Requests waiting for a slot", **kw)
-        self._gauges = (running, waiting)
+        self._gauges = {"running": running, "prefilling": prefilling, "waiting": waiting}
         self._servables = servables
 
     def track(self, name):
-        """Make the running/waiting gauges follow the current version of `name`."""
-        running, waiting = self._gauges
-
+        """Make the request gauges follow the current version of `name`."""
         def stat(key):
             model = self._servables.lookup(name)
             return model.engine.stats()[key] if model else 0
 
-        running.labels(name).set_function(lambda: stat("running"))
-        waiting.labels(name).set_function(lambda: stat("waiting"))
+        for key, gauge in self._gauges.items():
+            gauge.labels(name).set_function(lambda key=key: stat(key))
 
     def observe(self, name, summary, gaps):
         self.ttft.labels(name).observe(summary["time_to_first_token_s"])
@@ -726,13 +739,63 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+def _parse_in_handler(handler):
+    """`handler` with its request parsed inside the method, so a request that
+    is not a valid message (bad wire format, invalid UTF-8 in a string) is
+    INVALID_ARGUMENT; gRPC answers INTERNAL when its own deserializer fails."""
+    parse = handler.request_deserializer
+    if parse is None or handler.request_streaming:
+        return handler
+
+    def decode(raw, context):
+        try:
+            return parse(raw)
+        except Exception:  # pylint: disable=broad-except  (DecodeError and kin)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the request is not a valid protobuf message for this method")
+            raise  # not reached: abort raises
+
+    kind = "unary_unary" if handler.unary_unary else "unary_stream"
+    method = getattr(handler, kind)
+    return getattr(grpc, f"{kind}_rpc_method_handler")(
+        lambda raw, context: method(decode(raw, context), context),
+        response_serializer=handler.response_serializer)
+
+
+class _ParsedInHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner):
+        self._inner = inner
+
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else _parse_in_handler(handler)
+
+
+class _Registrar:
+    """What a generated `add_*Servicer_to_server` registers with, passing
+    every method on to the server through `_parse_in_handler`."""
+
+    def __init__(self, server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers):
+        self._server.add_generic_rpc_handlers(tuple(_ParsedInHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service, handlers):
+        self._server.add_registered_method_handlers(
+            service, {name: _parse_in_handler(h) for name, h in handlers.items()})
+
+
 def read_ssl_config(path):
     """TF Serving's `--ssl_config_file` (text `SSLConfig`)."""
     from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
 
     from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
     with open(path, encoding="utf-8") as handle:
-        config = text_format.Parse(handle.read(), config_pb2.SSLConfig())
+        try:
+            config = text_format.Parse(handle.read(), config_pb2.SSLConfig())
+        except text_format.ParseError as error:
+            raise ValueError(f"{path}: {error}") from None
     if not config.server_key or not config.server_cert:
         raise ValueError(f"{path}: server_key and server_cert are required")
     if config.client_verify and not config.custom_ca:
@@ -746,7 +809,10 @@ def read_monitoring_config(path):
 
     from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
     with open(path, encoding="utf-8") as handle:
-        config = text_format.Parse(handle.read(), config_pb2.MonitoringConfig())
+        try:
+            config = text_format.Parse(handle.read(), config_pb2.MonitoringConfig())
+        except text_format.ParseError as error:
+            raise ValueError(f"{path}: {error}") from None
     prometheus = config.prometheus_config
     if not prometheus.enable:
         return None
@@ -781,7 +847,7 @@ class Server:
     """
 
     def __init__(self, models, port=8500, host="127.0.0.1", engine_config=None,
-                 metrics_port=None, poll_seconds=1.0, profiler_port=None, max_workers=64,
+                 metrics_port=None, poll_seconds=1.0, profiler_port=None, max_workers=None,
                  rest_api_port=None, api_key=None, ssl_config=None, enable_reflection=False,
                  monitoring_path=None, config_file=None, config_poll_seconds=0.0,
                  grpc_options=(), grpc_socket_path=None, cors=False, warmup=True,
@@ -793,17 +859,26 @@ class Server:
         self.serving = False
         self.loading = True
         interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+        config = self.manager.engine_config
+        # Every stream holds a worker thread: enough for each model's slots and
+        # queue plus room for health, status and the requests the engine
+        # refuses (RESOURCE_EXHAUSTED at once), so health never waits behind
+        # generation; past that gRPC itself answers RESOURCE_EXHAUSTED.
+        max_workers = max_workers or max(
+            64, len(self.manager.specs) * (config.max_slots + config.max_queue) + 32)
         options = [("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.so_reuseport", 0), *grpc_options]
         self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-                                options=options, interceptors=interceptors)
+                                options=options, interceptors=interceptors,
+                                maximum_concurrent_rpcs=max_workers)
+        registrar = _Registrar(self.grpc)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.servables), self.grpc)
+            PredictionService(self.servables), registrar)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.servables, self.manager), self.grpc)
+            ModelService(self.servables, self.manager), registrar)
         generation_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationService(self.servables, self.metrics), self.grpc)
+            GenerationService(self.servables, self.metrics), registrar)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if enable_reflection:
@@ -1031,7 +1106,8 @@ def build_parser():
                                   "client_verify)")
     add("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or @FILE)")
     add("--enable_reflection", default=False, **flag)
-    add("--grpc_max_threads", type=int, default=64)
+    add("--grpc_max_threads", type=int, default=0,
+        help="gRPC worker threads (0: every model's slots + queue + 32, at least 64)")
     add("--grpc_channel_arguments", default="", help="k=v,k=v gRPC server arguments")
     add("--tensorflow_session_parallelism", type=int, default=0)
     add("--tensorflow_intra_op_parallelism", type=int, default=0)
@@ -1039,6 +1115,8 @@ def build_parser():
     add("--tflite_num_threads", type=int, default=0)
     add("--enable_model_warmup", default=True, **flag)
     add("--version", action="store_true", help="print the version and exit")
+    add("--max_batch_size", type=int, default=64,
+        help="most rows in one Predict request (not TF Serving's batching parameter)")
     add("--max_slots", type=int, default=None)
     add("--max_queue", type=int, default=None)
     add("--max_length", type=int, default=1024,
@@ -1095,7 +1173,8 @@ def main(argv=None):
     if inter:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes,
-                          backend=args.engine_backend, num_threads=threads)
+                          backend=args.engine_backend, num_threads=threads,
+                          max_batch_size=args.max_batch_size)
     if args.batching_parameters_file:
         read_batching_parameters(args.batching_parameters_file, config)
     if args.max_slots:
@@ -1109,7 +1188,7 @@ def main(argv=None):
     server = Server(
         models, args.port, args.host, config, metrics_port=args.metrics_port,
         poll_seconds=args.file_system_poll_wait_seconds, profiler_port=args.profiler_port,
-        max_workers=args.grpc_max_threads, rest_api_port=args.rest_api_port or None,
+        max_workers=args.grpc_max_threads or None, rest_api_port=args.rest_api_port or None,
         api_key=api_key,
         ssl_config=read_ssl_config(args.ssl_config_file) if args.ssl_config_file else None,
         enable_reflection=args.enable_reflection,

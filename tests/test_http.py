@@ -240,6 +240,10 @@ def test_openai_errors(oai):
         response = httpx.post(f"{oai.base_url}completions", content=raw, timeout=TIMEOUT)
         assert response.status_code == 400, (raw, response.text)
         assert response.json()["error"]["message"], raw
+    # A prompt that cannot fit is refused before it is tokenized.
+    huge = httpx.post(f"{oai.base_url}completions", timeout=TIMEOUT,
+                      json={"model": "tiny", "prompt": "hello " * 1_000_000})
+    assert huge.status_code == 400 and "exceeds the per-sequence limit" in huge.text
     # unknown extra fields are ignored, as vLLM does
     ok = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
                                      extra_body={"some_future_field": 1}, user="me")
@@ -422,7 +426,7 @@ def test_tf_serving_docs_command_line(export_dir, tmp_path):
                f"--monitoring_config_file={monitoring}", "--rest_api_timeout_in_ms=30000",
                "--file_system_poll_wait_seconds=0", "--tensorflow_intra_op_parallelism=1",
                "--tensorflow_inter_op_parallelism=1", "--grpc_channel_arguments=grpc.max_connection_idle_ms=60000",
-               "--enable_model_warmup=true", "--num_load_threads=2", "--max_length=128"]
+               "--enable_model_warmup=true", "--num_load_threads=2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     try:

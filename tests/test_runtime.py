@@ -14,7 +14,7 @@ import tensorflow as tf
 import keras_llm
 from keras_llm import saving, samplers
 from keras_llm.runtime import artifacts, sampling
-from keras_llm.runtime.engine import Engine, EngineConfig, InvalidRequest
+from keras_llm.runtime.engine import Engine, EngineConfig, InvalidRequest, QueueFull
 from keras_llm.runtime.params import InvalidParams, SamplingParams
 from keras_llm.runtime.sequence import Sequence
 from keras_llm.runtime.tokenizer import HostTokenizer
@@ -247,6 +247,24 @@ def test_logprobs_on_both_backends_are_the_models(tiny_dir):
         SamplingParams(logprobs=21).validate()
     with pytest.raises(InvalidParams, match=">= 0"):
         SamplingParams(logprobs=-1).validate()
+
+
+def test_cancelled_requests_leave_the_queue_at_once(tiny_dir):
+    lm, _ = tiny_dir
+    engine = Engine(XLABackend.from_model(lm.model, max_slots=2), lm.host_tokenizer,
+                    EngineConfig(max_slots=2, max_queue=2, max_length=64))
+    params = SamplingParams(max_new_tokens=2)
+    queued = [engine.submit([5, 6], params) for _ in range(4)]  # 2 slots' worth + 2 queued
+    with pytest.raises(QueueFull):
+        engine.submit([5, 6], params)
+    queued[1].cancel()
+    assert engine.stats()["waiting"] == 3  # gone before any step ran
+    assert queued[1].finished and queued[1].result.finish_reason == "cancelled"
+    queued.append(engine.submit([5, 6], params))  # its place is free again
+    for job in queued:
+        engine._wait(job)  # pylint: disable=protected-access
+    assert [j.result.finish_reason for j in queued].count("cancelled") == 1
+    assert engine.stats() == {"running": 0, "decoding": 0, "prefilling": 0, "waiting": 0}
 
 
 def test_engine_refuses_what_does_not_fit(tiny_dir):

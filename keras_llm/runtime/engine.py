@@ -179,6 +179,7 @@ class Engine:
         self.num_slots, self.max_length = int(slots), int(length)
         self._slots = [None] * self.num_slots
         self._waiting = []
+        self._admitting = 0  # taken from the queue, not yet in a slot
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = None
@@ -214,7 +215,8 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineStopped("this engine is no longer taking requests")
-            free = sum(slot is None for slot in self._slots)
+            self._drop_cancelled()
+            free = sum(slot is None for slot in self._slots) - self._admitting
             if len(self._waiting) - free >= self.config.max_queue:
                 raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
             self._waiting.append(request)
@@ -246,9 +248,24 @@ class Engine:
                 self._wait(request)
 
     def stats(self):
+        """Requests decoding in a slot, being prefilled into one, and waiting."""
         with self._lock:
-            return {"running": sum(s is not None for s in self._slots),
-                    "waiting": len(self._waiting)}
+            self._drop_cancelled()
+            decoding = sum(s is not None for s in self._slots)
+            return {"running": decoding + self._admitting, "decoding": decoding,
+                    "prefilling": self._admitting, "waiting": len(self._waiting)}
+
+    def _drop_cancelled(self):
+        """Cancelled requests (client gone, deadline passed) leave the queue
+        at once instead of keeping their place until a slot frees up."""
+        if any(r.cancelled.is_set() for r in self._waiting):
+            keep = []
+            for request in self._waiting:
+                if request.cancelled.is_set():
+                    self._finish(None, "cancelled", request=request)
+                else:
+                    keep.append(request)
+            self._waiting = keep
 
     def start(self):
         """Run the scheduler in a background thread (servers)."""
@@ -310,17 +327,23 @@ class Engine:
         """Admit waiting requests into free slots, then one decode step."""
         with self._driver:
             with self._lock:
+                self._drop_cancelled()
                 admit = []
                 for index, slot in enumerate(self._slots):
                     if slot is None and self._waiting:
                         admit.append((index, self._waiting.pop(0)))
+                self._admitting = len(admit)
             try:
                 for index, request in admit:
                     self._prefill(index, request)
+                    with self._lock:
+                        self._admitting -= 1
                 if any(self._slots):
                     self._step()
             except Exception as error:  # pylint: disable=broad-except
                 LOG.exception("engine step failed")
+                with self._lock:
+                    self._admitting = 0
                 for index, request in enumerate(self._slots):
                     if request is not None:
                         self._finish(index, "error", error)

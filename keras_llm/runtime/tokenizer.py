@@ -317,6 +317,7 @@ class HostTokenizer:
         self._vocabulary, self._specials = vocabulary, set(specials)
         self._byte_decoder = {ch: b for b, ch in enumerate(bytes_to_unicode())}
         self._token_bytes = [None] * len(vocabulary)
+        self._max_token_bytes = None
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
                   for m in config["merges"]]
         model = tokenizers.models.BPE(vocab=index, merges=merges)
@@ -351,6 +352,15 @@ class HostTokenizer:
         ids = self._hf.encode(text, add_special_tokens=False).ids
         add_bos = self.add_bos if add_bos is None else bool(add_bos)
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    @property
+    def max_token_bytes(self):
+        """The most bytes one token stands for (a bound for length checks)."""
+        if self._max_token_bytes is None:
+            # A byte-level symbol is one byte; other characters at most four.
+            self._max_token_bytes = max(
+                (len(t.encode("utf-8")) for t in self._vocabulary), default=1)
+        return self._max_token_bytes
 
     def token_bytes(self, token_id):
         token_id = int(token_id)
