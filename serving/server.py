@@ -168,10 +168,17 @@ class ModelManager:
         models: name -> `ModelSpec` (or a base path: the latest version).
         config_file: a `--model_config_file` to re-read every
             `config_poll_seconds` (0: never).
+        transition: "availability" (a new version loads while the old one
+            serves: both in memory for a while) or "resource" (the old one is
+            retired first: one in memory, a gap in service), as TF Serving's
+            version policies.
     """
 
     def __init__(self, servables, models, engine_config, poll_seconds=1.0, config_file=None,
-                 config_poll_seconds=0.0, warmup=True):
+                 config_poll_seconds=0.0, warmup=True, transition="availability"):
+        if transition not in ("availability", "resource"):
+            raise ValueError(f"transition must be availability or resource, got {transition!r}")
+        self.transition = transition
         self.servables = servables
         self.specs = {name: spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
                       for name, spec in models.items()}
@@ -203,7 +210,15 @@ class ModelManager:
                 have = dict(self.servables.versions.get(name, {}))
             if spec is not None and not wanted and not have:
                 raise FileNotFoundError(f"no SavedModel versions under {spec.base_path}")
-            for version in sorted(set(wanted) - set(have)):
+            previous = max(have) if have else None
+            missing = sorted(set(wanted) - set(have))
+            if self.transition == "resource" and missing and have:
+                # Free the memory first: retire what the new versions replace,
+                # then load them (a gap in service, as TF Serving's
+                # resource-preserving policy).
+                for version in [v for v in have if v not in wanted]:
+                    self._retire(name, have.pop(version), spec, have)
+            for version in missing:
                 retry = self._retry.get((name, version))
                 if retry and time.monotonic() < retry[0]:
                     continue
@@ -218,23 +233,38 @@ class ModelManager:
                               retry_in_s=backoff)
                     if strict and not have and version == max(wanted):
                         raise
+            if not have and previous is not None and spec is not None:
+                # The new version failed after the old one was retired: bring it back.
+                try:
+                    have[previous] = self._load(name, spec.base_path, previous)
+                except Exception as error:  # pylint: disable=broad-except
+                    log_event("model_load_failed", model=name, version=previous,
+                              error=f"{type(error).__name__}: {error}")
             keep = {v: m for v, m in have.items() if v in wanted} or (
                 {max(have): have[max(have)]} if have and spec is not None else {})
-            retired = [m for v, m in have.items() if v not in keep]
-            with self.servables.lock:
-                if keep:
-                    self.servables.versions[name] = keep
-                    self.servables.models[name] = keep[max(keep)]
-                    self.servables.labels[name] = {
-                        label: v for label, v in (spec.labels if spec else {}).items()
-                        if v in keep}
-                else:
-                    for table in (self.servables.versions, self.servables.models,
-                                  self.servables.labels):
-                        table.pop(name, None)
-            for model in retired:
+            self._publish(name, spec, keep)
+            for model in [m for v, m in have.items() if v not in keep]:
                 model.engine.stop()
                 log_event("model_retired", model=name, version=model.version)
+
+    def _publish(self, name, spec, loaded):
+        """Make `loaded` (version -> ServedModel) what `name` answers with."""
+        with self.servables.lock:
+            if loaded:
+                self.servables.versions[name] = dict(loaded)
+                self.servables.models[name] = loaded[max(loaded)]
+                self.servables.labels[name] = {
+                    label: v for label, v in (spec.labels if spec else {}).items()
+                    if v in loaded}
+            else:
+                for table in (self.servables.versions, self.servables.models,
+                              self.servables.labels):
+                    table.pop(name, None)
+
+    def _retire(self, name, model, spec, remaining):
+        self._publish(name, spec, remaining)
+        model.engine.stop()  # lets its running requests finish
+        log_event("model_retired", model=name, version=model.version)
 
     def _load(self, name, base, version):
         start = time.perf_counter()
@@ -844,6 +874,7 @@ class Server:
         warmup: run each step size before a version serves.
         grace_seconds: how long `drain` lets running requests finish.
         rest_timeout_s: deadline of a non-streaming HTTP request.
+        version_transition: "availability" or "resource" (`ModelManager`).
     """
 
     def __init__(self, models, port=8500, host="127.0.0.1", engine_config=None,
@@ -851,10 +882,11 @@ class Server:
                  rest_api_port=None, api_key=None, ssl_config=None, enable_reflection=False,
                  monitoring_path=None, config_file=None, config_poll_seconds=0.0,
                  grpc_options=(), grpc_socket_path=None, cors=False, warmup=True,
-                 grace_seconds=30.0, rest_timeout_s=None):
+                 grace_seconds=30.0, rest_timeout_s=None, version_transition="availability"):
         self.servables = Servables()
         self.manager = ModelManager(self.servables, models, engine_config or EngineConfig(),
-                                    poll_seconds, config_file, config_poll_seconds, warmup)
+                                    poll_seconds, config_file, config_poll_seconds, warmup,
+                                    version_transition)
         self.metrics = Metrics(self.servables)
         self.serving = False
         self.loading = True
@@ -1115,6 +1147,9 @@ def build_parser():
     add("--tflite_num_threads", type=int, default=0)
     add("--enable_model_warmup", default=True, **flag)
     add("--version", action="store_true", help="print the version and exit")
+    add("--version_transition", choices=("availability", "resource"), default="availability",
+        help="load a new version beside the serving one (availability) or retire the old one "
+             "first (resource: one version in memory)")
     add("--max_batch_size", type=int, default=64,
         help="most rows in one Predict request (not TF Serving's batching parameter)")
     add("--max_slots", type=int, default=None)
@@ -1200,7 +1235,8 @@ def main(argv=None):
         grpc_socket_path=args.grpc_socket_path or None,
         cors=args.rest_api_enable_cors_support, warmup=args.enable_model_warmup,
         grace_seconds=args.grace_period_s,
-        rest_timeout_s=args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms else None)
+        rest_timeout_s=args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms else None,
+        version_transition=args.version_transition)
     where = f"{args.host}:{server.port}"
     if server.rest_api_port:
         where += f" (HTTP {server.rest_api_port})"

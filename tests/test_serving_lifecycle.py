@@ -187,3 +187,41 @@ def test_every_export_kind_serves_with_default_flags(tmp_path):
                 assert meta["xla"] == (name != "no-xla")
     finally:
         server.drain(0)
+
+
+def test_corrupt_version_never_serves_and_resource_transition(tmp_path):
+    """A corrupt version fails to load and the serving one stays (it comes
+    back after a resource transition retired it first); a good new version
+    then replaces it, one version in memory at a time."""
+    import shutil
+
+    export_model(tiny_lm(5), tmp_path, "m", max_new_tokens=4, progress=False)
+    server = Server({"m": str(tmp_path / "m")}, port=0, poll_seconds=0.2,
+                    version_transition="resource",
+                    engine_config=EngineConfig(max_slots=2, max_length=64, prompt_bucket=16))
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+            expected = list(client.generate("he", max_new_tokens=4, ignore_eos=True).token_ids)
+            corrupt = tmp_path / "m" / "2"
+            corrupt.mkdir()
+            (corrupt / "saved_model.pb").write_bytes(b"not a SavedModel")
+            deadline = time.time() + 60
+            retries = server.manager._retry  # pylint: disable=protected-access
+            while ("m", 2) not in retries and time.time() < deadline:
+                time.sleep(0.1)
+            assert ("m", 2) in retries  # its load failed and waits for a retry
+            while server.servables.lookup("m") is None and time.time() < deadline:
+                time.sleep(0.1)  # the retired version 1 being loaded again
+            assert server.servables.lookup("m").version == 1
+            assert list(client.generate("he", max_new_tokens=4,
+                                        ignore_eos=True).token_ids) == expected
+            shutil.rmtree(corrupt)
+            shutil.copytree(tmp_path / "m" / "1", tmp_path / "m" / "3")
+            while (getattr(server.servables.lookup("m"), "version", None) != 3
+                   and time.time() < deadline + 60):
+                time.sleep(0.1)
+            assert sorted(server.servables.versions["m"]) == [3]
+            assert list(client.generate("he", max_new_tokens=4,
+                                        ignore_eos=True).token_ids) == expected
+    finally:
+        server.drain(0)
