@@ -535,6 +535,50 @@ def sigterm_with_streams(server, streams=4, new_tokens=64):
             "exit_code": code}
 
 
+def soak(server, streams=64, seconds=600, new_tokens=32):
+    """`streams` clients asking back to back for `seconds`: errors, time to
+    first token and inter-token latency percentiles, RSS after a warm-up
+    minute (or a tenth of the run) against the end."""
+    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
+    end = time.perf_counter() + seconds
+    warm_at = time.perf_counter() + min(60.0, seconds / 10)
+    ttft, itl, errors, done = [], [], [], [0]
+    rss = {"warm": None}
+    lock = threading.Lock()
+
+    def worker(i):
+        with Client(server.target, timeout=300) as client:
+            while time.perf_counter() < end:
+                begin = last = time.perf_counter()
+                first = True
+                try:
+                    for response in client.stream_responses(GOOD_PROMPT, max_new_tokens=new_tokens,
+                                                            ignore_eos=True, seed=i):
+                        if response.HasField("delta") and response.delta.token_ids:
+                            now = time.perf_counter()
+                            with lock:
+                                (ttft if first else itl).append(now - (begin if first else last))
+                            first, last = False, now
+                    with lock:
+                        done[0] += 1
+                except grpc.RpcError as error:
+                    with lock:
+                        errors.append(error.code().name)
+                if rss["warm"] is None and time.perf_counter() > warm_at:
+                    rss["warm"] = rss_bytes(server.proc.pid)
+
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        list(pool.map(worker, range(streams)))
+    final = rss_bytes(server.proc.pid)
+    pct = lambda values, q: float(np.percentile(values, q)) if values else None  # noqa: E731
+    return {"streams": streams, "seconds": seconds, "requests": done[0],
+            "errors": len(errors), "error_codes": sorted(set(errors)),
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
+            "rss_warm_mb": (rss["warm"] or final) / 2 ** 20, "rss_end_mb": final / 2 ** 20,
+            "rss_growth": final / (rss["warm"] or final) - 1}
+
+
 def kill_and_restart(server):
     server.stop(signal.SIGKILL)
     return {"serving_after_restart_s": round(server.start(), 2)}
@@ -549,6 +593,9 @@ def main(argv=None):
     parser.add_argument("--fuzz", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang_s", type=float, default=30.0)
+    parser.add_argument("--soak_s", type=float, default=0.0,
+                        help="also soak 64 streams for this long (a server with 16 slots and "
+                             "a 64-place queue; 600 for the 10-minute soak)")
     args = parser.parse_args(argv)
     server = Server(args.model_base_path, args.model_name, args.slots, args.queue)
     report = {"serving_s": round(server.start(), 2)}
@@ -561,6 +608,13 @@ def main(argv=None):
         report["sigterm"] = sigterm_with_streams(server)
     finally:
         server.stop()
+    if args.soak_s:
+        server = Server(args.model_base_path, args.model_name, 16, 64)
+        server.start()
+        try:
+            report["soak"] = soak(server, 64, args.soak_s)
+        finally:
+            server.stop()
     print(json.dumps(report, indent=1, default=str))
     return report
 

@@ -80,3 +80,12 @@ def test_kill_then_restart_and_sigterm_with_streams(server):
     assert reliability.kill_and_restart(server)["serving_after_restart_s"] > 0
     report = reliability.sigterm_with_streams(server, streams=2, new_tokens=32)
     assert report == {"streams": 2, "finished": 2, "exit_code": 0}
+
+
+def test_a_short_soak_has_no_errors(server):
+    if not server.alive():
+        server.start()
+    report = reliability.soak(server, streams=server.slots + server.queue, seconds=5,
+                              new_tokens=8)
+    assert report["errors"] == 0 and report["requests"] > 0, report
+    assert report["ttft_p50_s"] is not None and report["itl_p50_s"] is not None

@@ -179,7 +179,7 @@ class Engine:
         self.num_slots, self.max_length = int(slots), int(length)
         self._slots = [None] * self.num_slots
         self._waiting = []
-        self._admitting = 0  # taken from the queue, not yet in a slot
+        self._admitting = set()  # slots of requests taken from the queue, being prefilled
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = None
@@ -216,7 +216,8 @@ class Engine:
             if self._stopping:
                 raise EngineStopped("this engine is no longer taking requests")
             self._drop_cancelled()
-            free = sum(slot is None for slot in self._slots) - self._admitting
+            free = sum(slot is None and i not in self._admitting
+                       for i, slot in enumerate(self._slots))
             if len(self._waiting) - free >= self.config.max_queue:
                 raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
             self._waiting.append(request)
@@ -252,8 +253,9 @@ class Engine:
         with self._lock:
             self._drop_cancelled()
             decoding = sum(s is not None for s in self._slots)
-            return {"running": decoding + self._admitting, "decoding": decoding,
-                    "prefilling": self._admitting, "waiting": len(self._waiting)}
+            prefilling = len(self._admitting)
+            return {"running": decoding + prefilling, "decoding": decoding,
+                    "prefilling": prefilling, "waiting": len(self._waiting)}
 
     def _drop_cancelled(self):
         """Cancelled requests (client gone, deadline passed) leave the queue
@@ -332,18 +334,18 @@ class Engine:
                 for index, slot in enumerate(self._slots):
                     if slot is None and self._waiting:
                         admit.append((index, self._waiting.pop(0)))
-                self._admitting = len(admit)
+                self._admitting = {index for index, _ in admit}
             try:
                 for index, request in admit:
                     self._prefill(index, request)
                     with self._lock:
-                        self._admitting -= 1
+                        self._admitting.discard(index)
                 if any(self._slots):
                     self._step()
             except Exception as error:  # pylint: disable=broad-except
                 LOG.exception("engine step failed")
                 with self._lock:
-                    self._admitting = 0
+                    self._admitting = set()
                 for index, request in enumerate(self._slots):
                     if request is not None:
                         self._finish(index, "error", error)
@@ -360,7 +362,9 @@ class Engine:
             self._finish(None, "length", request=request)
             return
         logits = self.backend.prefill(request.prompt_ids, index, request.params.max_new_tokens)
-        self._slots[index] = request
+        with self._lock:  # from prefilling to decoding in one move
+            self._slots[index] = request
+            self._admitting.discard(index)
         p = request.params
         token = sample(logits[np.newaxis], p.temperature, p.top_k, p.top_p, p.seed, 0)[0]
         self._emit(index, int(token), logits)
