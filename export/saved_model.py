@@ -241,6 +241,28 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
+def remove_stale_staging(model_dir):
+    """Remove `.staging-PID-*` directories left by exports whose process is
+    gone (killed before it could clean up; an exception or Ctrl-C cleans up
+    at once)."""
+    if not os.path.isdir(model_dir):
+        return
+    for name in os.listdir(model_dir):
+        parts = name.split("-")
+        if not name.startswith(".staging-") or len(parts) < 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True  # another user's process
+        if not alive:
+            shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
+
+
 def export_model(model, model_base_path, model_name, version=None, max_new_tokens=128,
                  jit_compile=True, chat=False, safe_mode=True, warmup=True, progress=True,
                  litert="auto", litert_batch_sizes=None, litert_max_length=None,
@@ -299,7 +321,8 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         litert = artifacts.precision_of(lm.metadata)  # None for 16-bit models: XLA serves them
 
     start = time.perf_counter()
-    staging = os.path.join(model_dir, f".staging-{uuid.uuid4().hex}")
+    remove_stale_staging(model_dir)
+    staging = os.path.join(model_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         module = GenerationModule(lm, max_new_tokens=max_new_tokens, jit_compile=jit_compile,
                                   chat=chat)

@@ -168,6 +168,8 @@ class ModelManager:
         models: name -> `ModelSpec` (or a base path: the latest version).
         config_file: a `--model_config_file` to re-read every
             `config_poll_seconds` (0: never).
+        allowed_root: if set, every base path must resolve inside it
+            (symbolic links and `..` followed), at start and on reload.
         transition: "availability" (a new version loads while the old one
             serves: both in memory for a while) or "resource" (the old one is
             retired first: one in memory, a gap in service), as TF Serving's
@@ -175,13 +177,14 @@ class ModelManager:
     """
 
     def __init__(self, servables, models, engine_config, poll_seconds=1.0, config_file=None,
-                 config_poll_seconds=0.0, warmup=True, transition="availability"):
+                 config_poll_seconds=0.0, warmup=True, transition="availability",
+                 allowed_root=None):
+        self.allowed_root = os.path.realpath(allowed_root) if allowed_root else None
         if transition not in ("availability", "resource"):
             raise ValueError(f"transition must be availability or resource, got {transition!r}")
         self.transition = transition
         self.servables = servables
-        self.specs = {name: spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
-                      for name, spec in models.items()}
+        self.specs = self._checked(models)
         self.engine_config = engine_config
         self.poll_seconds = poll_seconds
         self.config_file = config_file
@@ -191,6 +194,18 @@ class ModelManager:
         self._retry = {}  # (name, version) -> (next attempt time, backoff seconds)
         self._stop = threading.Event()
         self._threads = []
+
+    def _checked(self, models):
+        """name -> ModelSpec, every base path inside `allowed_root` (when set)."""
+        specs = {name: spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
+                 for name, spec in models.items()}
+        if self.allowed_root:
+            for name, spec in specs.items():
+                path = os.path.realpath(spec.base_path)
+                if os.path.commonpath([path, self.allowed_root]) != self.allowed_root:
+                    raise ValueError(f"model {name}: base path {spec.base_path!r} is outside "
+                                     f"the allowed root {self.allowed_root}")
+        return specs
 
     @property
     def base_paths(self):
@@ -283,7 +298,7 @@ class ModelManager:
     def reload(self, models):
         """Serve exactly `models` (name -> ModelSpec): new ones are loaded,
         removed ones retired (HandleReloadConfigRequest, a changed config file)."""
-        models = {n: s if isinstance(s, ModelSpec) else ModelSpec(s) for n, s in models.items()}
+        models = self._checked(models)
         removed = set(self.specs) - set(models)
         self.specs = dict(models)
         for name in sorted(removed) + sorted(models):
@@ -875,6 +890,7 @@ class Server:
         grace_seconds: how long `drain` lets running requests finish.
         rest_timeout_s: deadline of a non-streaming HTTP request.
         version_transition: "availability" or "resource" (`ModelManager`).
+        allowed_model_root: every model's base path must be inside it.
     """
 
     def __init__(self, models, port=8500, host="127.0.0.1", engine_config=None,
@@ -882,11 +898,12 @@ class Server:
                  rest_api_port=None, api_key=None, ssl_config=None, enable_reflection=False,
                  monitoring_path=None, config_file=None, config_poll_seconds=0.0,
                  grpc_options=(), grpc_socket_path=None, cors=False, warmup=True,
-                 grace_seconds=30.0, rest_timeout_s=None, version_transition="availability"):
+                 grace_seconds=30.0, rest_timeout_s=None, version_transition="availability",
+                 allowed_model_root=None):
         self.servables = Servables()
         self.manager = ModelManager(self.servables, models, engine_config or EngineConfig(),
                                     poll_seconds, config_file, config_poll_seconds, warmup,
-                                    version_transition)
+                                    version_transition, allowed_model_root)
         self.metrics = Metrics(self.servables)
         self.serving = False
         self.loading = True
@@ -1147,6 +1164,8 @@ def build_parser():
     add("--tflite_num_threads", type=int, default=0)
     add("--enable_model_warmup", default=True, **flag)
     add("--version", action="store_true", help="print the version and exit")
+    add("--allowed_model_root", default=None,
+        help="refuse model base paths outside this directory (at start and on reload)")
     add("--version_transition", choices=("availability", "resource"), default="availability",
         help="load a new version beside the serving one (availability) or retire the old one "
              "first (resource: one version in memory)")
@@ -1236,7 +1255,8 @@ def main(argv=None):
         cors=args.rest_api_enable_cors_support, warmup=args.enable_model_warmup,
         grace_seconds=args.grace_period_s,
         rest_timeout_s=args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms else None,
-        version_transition=args.version_transition)
+        version_transition=args.version_transition,
+        allowed_model_root=args.allowed_model_root)
     where = f"{args.host}:{server.port}"
     if server.rest_api_port:
         where += f" (HTTP {server.rest_api_port})"

@@ -249,3 +249,21 @@ def test_chat_in_graph_gives_the_host_ids(tokenizer):
 def test_chat_export_refuses_templates_it_cannot_split(template, message):
     with pytest.raises(ExportError, match=message):
         chat_affixes(byte_level_tokenizer(["h e"], chat_template=template))
+
+
+def test_staging_left_by_a_killed_export_is_removed(tmp_path):
+    """An export killed before it could clean up leaves `.staging-PID-*`; the
+    next export removes it (its process is gone) and keeps a live one's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    model_dir = tmp_path / "m"
+    stale = model_dir / f".staging-{dead.pid}-0123abcd"
+    live = model_dir / f".staging-{os.getpid()}-4567ef"
+    for path in (stale, live):
+        (path / "variables").mkdir(parents=True)
+        (path / "saved_model.pb").write_bytes(b"half written")
+    export_model(tiny_language_model(seed=2), tmp_path, "m", max_new_tokens=2, progress=False,
+                 litert=None, warmup=False)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) == [
+        "1", "batching_parameters.pbtxt", "models.config"]

@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keras_llm.export.saved_model import export_model
@@ -223,5 +224,31 @@ def test_corrupt_version_never_serves_and_resource_transition(tmp_path):
             assert sorted(server.servables.versions["m"]) == [3]
             assert list(client.generate("he", max_new_tokens=4,
                                         ignore_eos=True).token_ids) == expected
+    finally:
+        server.drain(0)
+
+
+def test_model_paths_outside_the_allowed_root_are_refused(tmp_path):
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+    root = tmp_path / "root"
+    export_model(tiny_lm(6), root, "m", max_new_tokens=2, progress=False)
+    config = EngineConfig(max_slots=1, max_length=64, prompt_bucket=16)
+    with pytest.raises(ValueError, match="outside the allowed root"):
+        Server({"m": str(root / ".." / "elsewhere")}, port=0, poll_seconds=0,
+               engine_config=config, allowed_model_root=str(root))
+    server = Server({"m": str(root / "m")}, port=0, poll_seconds=0, engine_config=config,
+                    allowed_model_root=str(root))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        reload = model_management_pb2.ReloadConfigRequest()
+        entry = reload.config.model_config_list.config.add()
+        entry.name, entry.base_path = "m", str(root / "m" / ".." / ".." / "etc")
+        answer = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            reload, timeout=60)
+        assert answer.status.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "outside the allowed root" in answer.status.error_message
+        assert server.servables.lookup("m").version == 1  # still serving
+        channel.close()
     finally:
         server.drain(0)
