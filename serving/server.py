@@ -831,16 +831,22 @@ class _Registrar:
             service, {name: _parse_in_handler(h) for name, h in handlers.items()})
 
 
-def read_ssl_config(path):
-    """TF Serving's `--ssl_config_file` (text `SSLConfig`)."""
+def read_text_proto(path, message):
+    """`message` filled from the text proto file `path`; ValueError naming the
+    file when it does not parse (TF Serving's config files are text protos)."""
     from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
 
-    from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
     with open(path, encoding="utf-8") as handle:
         try:
-            config = text_format.Parse(handle.read(), config_pb2.SSLConfig())
+            return text_format.Parse(handle.read(), message)
         except text_format.ParseError as error:
             raise ValueError(f"{path}: {error}") from None
+
+
+def read_ssl_config(path):
+    """TF Serving's `--ssl_config_file` (text `SSLConfig`)."""
+    from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
+    config = read_text_proto(path, config_pb2.SSLConfig())
     if not config.server_key or not config.server_cert:
         raise ValueError(f"{path}: server_key and server_cert are required")
     if config.client_verify and not config.custom_ca:
@@ -850,15 +856,8 @@ def read_ssl_config(path):
 
 def read_monitoring_config(path):
     """The Prometheus path of TF Serving's `--monitoring_config_file`, or None."""
-    from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
-
     from keras_llm.serving.protos import config_pb2  # pylint: disable=import-outside-toplevel
-    with open(path, encoding="utf-8") as handle:
-        try:
-            config = text_format.Parse(handle.read(), config_pb2.MonitoringConfig())
-        except text_format.ParseError as error:
-            raise ValueError(f"{path}: {error}") from None
-    prometheus = config.prometheus_config
+    prometheus = read_text_proto(path, config_pb2.MonitoringConfig()).prometheus_config
     if not prometheus.enable:
         return None
     return prometheus.path or "/monitoring/prometheus/metrics"
@@ -1060,15 +1059,9 @@ def read_model_config(path):
     """name -> `ModelSpec` of a TF Serving `--model_config_file` (text
     ModelServerConfig: names, base paths, `model_version_policy`,
     `version_labels`)."""
-    from google.protobuf import text_format  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.config import model_server_config_pb2  # pylint: disable=import-outside-toplevel
 
-    with open(path, encoding="utf-8") as handle:
-        try:
-            config = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
-        except text_format.ParseError as error:
-            raise ValueError(f"{path}: {error}") from None
-    return model_specs(config)
+    return model_specs(read_text_proto(path, model_server_config_pb2.ModelServerConfig()))
 
 
 def read_batching_parameters(path, config):
