@@ -579,6 +579,72 @@ def soak(server, streams=64, seconds=600, new_tokens=32):
             "rss_growth": final / (rss["warm"] or final) - 1}
 
 
+def hot_reload(export_base, name, budget_factor=1.5, streams=8, new_tokens=16):
+    """A new version appears while `streams` clients ask back to back, on a
+    server whose reload memory budget is `budget_factor` x its RSS once
+    serving (so two versions do not fit beside each other): requests that
+    failed, the server's peak RSS against the budget, and how long the swap
+    took. The versions are symbolic links to the export's first version, in
+    a directory of their own (the export is not touched)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    from keras_llm.serving.client import Client  # pylint: disable=import-outside-toplevel
+    source = os.path.join(export_base, name)
+    first = os.path.join(source, min(v for v in os.listdir(source) if v.isdigit()))
+    with tempfile.TemporaryDirectory(prefix="keras-llm-reload-") as base:
+        os.makedirs(os.path.join(base, name))
+        os.symlink(first, os.path.join(base, name, "1"))
+        probe = Server(base, name, extra=("--file_system_poll_wait_seconds=0.5",))
+        probe.start()
+        budget = int(rss_bytes(probe.proc.pid) * budget_factor)
+        probe.stop()
+        server = Server(base, name, extra=("--file_system_poll_wait_seconds=0.5",
+                                           f"--reload_memory_budget_mb={budget / 2**20:.0f}"))
+        server.start()
+        stop, codes, lock = threading.Event(), [], threading.Lock()
+
+        def worker(i):
+            with Client(server.target, timeout=300) as client:
+                while not stop.is_set():
+                    try:
+                        client.generate(GOOD_PROMPT, max_new_tokens=new_tokens,
+                                        ignore_eos=True, seed=i)
+                        code = "OK"
+                    except grpc.RpcError as error:
+                        code = error.code().name
+                    with lock:
+                        codes.append(code)
+
+        def version():  # 0 between versions (the old one retired, the new one loading)
+            status = httpx.get(f"{server.url}/v1/models/{name}", timeout=10).json()
+            return max((int(v["version"]) for v in status.get("model_version_status", ())),
+                       default=0)
+
+        try:
+            with RssSampler(server.proc.pid) as rss, \
+                    concurrent.futures.ThreadPoolExecutor(streams) as pool:
+                workers = [pool.submit(worker, i) for i in range(streams)]
+                try:
+                    time.sleep(3.0)
+                    begin = time.perf_counter()
+                    os.symlink(first, os.path.join(base, name, "2"))
+                    while version() != 2 and time.perf_counter() - begin < 600:
+                        time.sleep(0.1)
+                    swap_s = time.perf_counter() - begin
+                    time.sleep(3.0)
+                finally:
+                    stop.set()
+                for future in workers:
+                    future.result()
+        finally:
+            stop.set()
+            server.stop()
+    return {"requests": len(codes), "failed": sum(c != "OK" for c in codes),
+            "codes": sorted(set(codes)), "serving_version": 2 if swap_s < 600 else 1,
+            "swap_s": round(swap_s, 2), "peak_rss_mb": round(rss.peak / 2**20),
+            "budget_mb": round(budget / 2**20), "under_budget": rss.peak <= budget}
+
+
 def kill_and_restart(server):
     server.stop(signal.SIGKILL)
     return {"serving_after_restart_s": round(server.start(), 2)}
@@ -593,6 +659,9 @@ def main(argv=None):
     parser.add_argument("--fuzz", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang_s", type=float, default=30.0)
+    parser.add_argument("--reload", action="store_true",
+                        help="also swap in a new version under load within a memory budget "
+                             "of 1.5x the serving RSS")
     parser.add_argument("--soak_s", type=float, default=0.0,
                         help="also soak 64 streams for this long (a server with 16 slots and "
                              "a 64-place queue; 600 for the 10-minute soak)")
@@ -608,6 +677,8 @@ def main(argv=None):
         report["sigterm"] = sigterm_with_streams(server)
     finally:
         server.stop()
+    if args.reload:
+        report["hot_reload"] = hot_reload(args.model_base_path, args.model_name)
     if args.soak_s:
         server = Server(args.model_base_path, args.model_name, 16, 64)
         server.start()

@@ -176,6 +176,14 @@ class Frontend:
 
     # ----- models -----------------------------------------------------------
 
+    async def _wait_while_replaced(self, name):
+        """Let a request for a model between versions (a resource-preserving
+        transition) wait for the new one, off the event loop."""
+        servables = self.server.servables
+        if servables.replacing:
+            await asyncio.to_thread(servables.wait_while_replaced,
+                                    name if isinstance(name, str) and name else None)
+
     def _model(self, name):
         """The served model for an OpenAI request's `model` (the only one
         when empty); 503 while it loads, 404 when unknown."""
@@ -313,6 +321,7 @@ class Frontend:
         lookup and submit is retried on its successor."""
         loop = asyncio.get_running_loop()
         for _ in range(5):
+            await self._wait_while_replaced(body.get("model"))
             model = self._model(body.get("model"))
             exported = model.engine
             try:
@@ -676,6 +685,7 @@ class Frontend:
                 signature_map, preserving_proto_field_name=True)}})
 
     async def _tf_predict(self, request, name, version, label):
+        await self._wait_while_replaced(name)
         model = self.server.servables.resolve(name, version, label)
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:

@@ -104,6 +104,17 @@ class ServingError(Exception):
         self.message = message
 
 
+# Longest a request waits for a model whose old version was retired before its
+# new one loaded (`--version_transition resource`).
+REPLACE_WAIT_S = 120.0
+
+
+def process_rss_bytes():
+    """This process's resident memory."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class Servables:
     """The models the server answers for; swapped atomically on reload.
 
@@ -117,6 +128,17 @@ class Servables:
         self.versions = {}
         self.labels = {}
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.replacing = set()  # names between retiring a version and serving its successor
+
+    def wait_while_replaced(self, name=None, timeout=REPLACE_WAIT_S):
+        """Block while `name` (None: any model) is between versions in a
+        resource-preserving transition, so its requests wait for the new
+        version instead of failing; at most `timeout` seconds."""
+        with self.changed:
+            self.changed.wait_for(
+                lambda: not (self.replacing if name is None else name in self.replacing),
+                timeout)
 
     def lookup(self, name):
         with self.lock:
@@ -147,8 +169,13 @@ class Servables:
                                    f"Servable not found for request: {name!r} version {version}")
             return model
 
-    def get(self, context, model_spec):
+    def get(self, context, model_spec, wait=True):
+        """`resolve` for a gRPC request (aborting with its status); with
+        `wait`, a model between versions is waited for within the deadline."""
         version = model_spec.version.value if model_spec.HasField("version") else None
+        if wait:
+            self.wait_while_replaced(model_spec.name, min(
+                REPLACE_WAIT_S, context.time_remaining() or REPLACE_WAIT_S))
         try:
             return self.resolve(model_spec.name, version, model_spec.version_label)
         except ServingError as error:
@@ -172,17 +199,22 @@ class ModelManager:
             (symbolic links and `..` followed), at start and on reload.
         transition: "availability" (a new version loads while the old one
             serves: both in memory for a while) or "resource" (the old one is
-            retired first: one in memory, a gap in service), as TF Serving's
-            version policies.
+            retired first: one in memory; requests wait for the new one), as
+            TF Serving's version policies.
+        memory_budget_bytes: with "availability", load a new version beside
+            the old one only when the process's RSS plus what the old version
+            took to load fits in this; otherwise make that one transition a
+            resource-preserving one (None: no budget).
     """
 
     def __init__(self, servables, models, engine_config, poll_seconds=1.0, config_file=None,
                  config_poll_seconds=0.0, warmup=True, transition="availability",
-                 allowed_root=None):
+                 allowed_root=None, memory_budget_bytes=None):
         self.allowed_root = os.path.realpath(allowed_root) if allowed_root else None
         if transition not in ("availability", "resource"):
             raise ValueError(f"transition must be availability or resource, got {transition!r}")
         self.transition = transition
+        self.memory_budget_bytes = memory_budget_bytes
         self.servables = servables
         self.specs = self._checked(models)
         self.engine_config = engine_config
@@ -192,6 +224,7 @@ class ModelManager:
         self.warmup = warmup
         self._sync_lock = threading.Lock()
         self._retry = {}  # (name, version) -> (next attempt time, backoff seconds)
+        self.on_publish = None  # called with a model's name after what it serves changed
         self._stop = threading.Event()
         self._threads = []
 
@@ -227,40 +260,63 @@ class ModelManager:
                 raise FileNotFoundError(f"no SavedModel versions under {spec.base_path}")
             previous = max(have) if have else None
             missing = sorted(set(wanted) - set(have))
-            if self.transition == "resource" and missing and have:
+            replacing = bool(missing and have and self._retire_first(name, have))
+            if replacing:
                 # Free the memory first: retire what the new versions replace,
-                # then load them (a gap in service, as TF Serving's
-                # resource-preserving policy).
+                # then load them (TF Serving's resource-preserving policy);
+                # requests wait for them (`Servables.wait_while_replaced`).
+                with self.servables.lock:
+                    self.servables.replacing.add(name)
                 for version in [v for v in have if v not in wanted]:
                     self._retire(name, have.pop(version), spec, have)
-            for version in missing:
-                retry = self._retry.get((name, version))
-                if retry and time.monotonic() < retry[0]:
-                    continue
-                try:
-                    have[version] = self._load(name, spec.base_path, version)
-                    self._retry.pop((name, version), None)
-                except Exception as error:  # pylint: disable=broad-except
-                    backoff = min(60.0, 2 * retry[1]) if retry else 1.0
-                    self._retry[(name, version)] = (time.monotonic() + backoff, backoff)
-                    log_event("model_load_failed", model=name, version=version,
-                              error=f"{type(error).__name__}: {error}",
-                              retry_in_s=backoff)
-                    if strict and not have and version == max(wanted):
-                        raise
-            if not have and previous is not None and spec is not None:
-                # The new version failed after the old one was retired: bring it back.
-                try:
-                    have[previous] = self._load(name, spec.base_path, previous)
-                except Exception as error:  # pylint: disable=broad-except
-                    log_event("model_load_failed", model=name, version=previous,
-                              error=f"{type(error).__name__}: {error}")
+            try:
+                self._load_versions(name, spec, missing, have, max(wanted) if strict else None)
+                if not have and previous is not None and spec is not None:
+                    # The new version failed after the old one was retired: bring it back.
+                    self._load_versions(name, spec, [previous], have, None)
+            finally:
+                if replacing:
+                    with self.servables.changed:
+                        self.servables.replacing.discard(name)
+                        self.servables.changed.notify_all()
             keep = {v: m for v, m in have.items() if v in wanted} or (
                 {max(have): have[max(have)]} if have and spec is not None else {})
             self._publish(name, spec, keep)
             for model in [m for v, m in have.items() if v not in keep]:
                 model.engine.stop()
                 log_event("model_retired", model=name, version=model.version)
+
+    def _retire_first(self, name, have):
+        """Whether `name`'s old versions go before its new ones load."""
+        if self.transition == "resource":
+            return True
+        if self.memory_budget_bytes is None:
+            return False
+        need = max(getattr(m, "load_bytes", 0) for m in have.values())
+        rss = process_rss_bytes()
+        if rss + need <= self.memory_budget_bytes:
+            return False
+        log_event("version_transition_resource", model=name, rss_bytes=rss,
+                  new_version_bytes=need, memory_budget_bytes=self.memory_budget_bytes)
+        return True
+
+    def _load_versions(self, name, spec, versions, have, raise_for):
+        """Load `versions` into `have`; a failure is logged and retried with
+        backoff (re-raised for version `raise_for` when nothing loaded)."""
+        for version in versions:
+            retry = self._retry.get((name, version))
+            if retry and time.monotonic() < retry[0]:
+                continue
+            try:
+                have[version] = self._load(name, spec.base_path, version)
+                self._retry.pop((name, version), None)
+            except Exception as error:  # pylint: disable=broad-except
+                backoff = min(60.0, 2 * retry[1]) if retry else 1.0
+                self._retry[(name, version)] = (time.monotonic() + backoff, backoff)
+                log_event("model_load_failed", model=name, version=version,
+                          error=f"{type(error).__name__}: {error}", retry_in_s=backoff)
+                if version == raise_for and not have:
+                    raise
 
     def _publish(self, name, spec, loaded):
         """Make `loaded` (version -> ServedModel) what `name` answers with."""
@@ -271,10 +327,13 @@ class ModelManager:
                 self.servables.labels[name] = {
                     label: v for label, v in (spec.labels if spec else {}).items()
                     if v in loaded}
+                self.servables.changed.notify_all()
             else:
                 for table in (self.servables.versions, self.servables.models,
                               self.servables.labels):
                     table.pop(name, None)
+        if self.on_publish is not None:
+            self.on_publish(name)
 
     def _retire(self, name, model, spec, remaining):
         self._publish(name, spec, remaining)
@@ -282,12 +341,13 @@ class ModelManager:
         log_event("model_retired", model=name, version=model.version)
 
     def _load(self, name, base, version):
-        start = time.perf_counter()
+        start, rss = time.perf_counter(), process_rss_bytes()
         model = ServedModel(name, base, version, self.engine_config)
         if self.warmup:
             model.engine.warmup()
         else:
             model.engine.ready.set()
+        model.load_bytes = max(process_rss_bytes() - rss, 0)  # what a successor will need
         log_event("model_loaded", model=name, version=version,
                   seconds=round(time.perf_counter() - start, 2),
                   kv_cache_slots=model.engine.num_slots,
@@ -601,7 +661,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request, context):
         spec = request.model_spec
         if spec.HasField("version") or spec.version_label:
-            models = [self.servables.get(context, spec)]
+            models = [self.servables.get(context, spec, wait=False)]
         else:
             with self.servables.lock:
                 models = sorted((self.servables.versions.get(spec.name) or {}).values(),
@@ -692,6 +752,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         """Submit to the current version of the model; a version retired in
         between is retried on its successor, so a reload fails no request."""
         for _ in range(5):
+            self.servables.wait_while_replaced(request.model_name or None)
             with self.servables.lock:
                 models = dict(self.servables.models)
             name = request.model_name or (next(iter(models)) if len(models) == 1 else "")
@@ -890,6 +951,7 @@ class Server:
         rest_timeout_s: deadline of a non-streaming HTTP request.
         version_transition: "availability" or "resource" (`ModelManager`).
         allowed_model_root: every model's base path must be inside it.
+        memory_budget_bytes: RSS a reload may reach (`ModelManager`).
     """
 
     def __init__(self, models, port=8500, host="127.0.0.1", engine_config=None,
@@ -898,11 +960,12 @@ class Server:
                  monitoring_path=None, config_file=None, config_poll_seconds=0.0,
                  grpc_options=(), grpc_socket_path=None, cors=False, warmup=True,
                  grace_seconds=30.0, rest_timeout_s=None, version_transition="availability",
-                 allowed_model_root=None):
+                 allowed_model_root=None, memory_budget_bytes=None):
         self.servables = Servables()
         self.manager = ModelManager(self.servables, models, engine_config or EngineConfig(),
                                     poll_seconds, config_file, config_poll_seconds, warmup,
-                                    version_transition, allowed_model_root)
+                                    version_transition, allowed_model_root,
+                                    memory_budget_bytes)
         self.metrics = Metrics(self.servables)
         self.serving = False
         self.loading = True
@@ -980,15 +1043,32 @@ class Server:
                 self.http.stop(5)
             raise
         self.loading = False
+        self._draining = False
+        self._tracked = set()
+        self.manager.on_publish = self._published
         for name in self.manager.specs:
-            self.metrics.track(name)
-        for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.serving = True
+            self._published(name)
         self.manager.start_polling()
         log_event("serving", models=sorted(self.manager.specs), host=host, port=self.port,
                   rest_api_port=self.rest_api_port, metrics_port=self.metrics_port,
                   tls=ssl_config is not None, api_key=bool(api_key))
+
+    def _published(self, name):
+        """What `name` serves changed: its gauges follow it, and health says
+        SERVING while any model is served (a server started on a model config
+        file it could not read yet serves none)."""
+        if name not in self._tracked and self.servables.lookup(name) is not None:
+            self._tracked.add(name)
+            self.metrics.track(name)
+        if self._draining:
+            return
+        with self.servables.lock:  # a model between versions still counts
+            up = bool(self.servables.models or self.servables.replacing)
+        status = (health_pb2.HealthCheckResponse.SERVING if up
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, status)
+        self.serving = up
 
     def _http_tls(self, ssl_config):
         """uvicorn's TLS options: the PEM texts written to private files."""
@@ -1014,6 +1094,7 @@ class Server:
 
     def drain(self, grace_seconds=30.0):
         """SIGTERM: stop taking work, finish running requests, then stop."""
+        self._draining = True
         self.serving = False
         self.health.enter_graceful_shutdown()
         self.manager.stop()
@@ -1053,6 +1134,11 @@ def model_specs(config):
     if not models:
         raise ValueError("the model config lists no models")
     return models
+
+
+# How often an unreadable --model_config_file is tried again when no poll
+# interval was given.
+CONFIG_RETRY_SECONDS = 2.0
 
 
 def read_model_config(path):
@@ -1161,7 +1247,11 @@ def build_parser():
         help="refuse model base paths outside this directory (at start and on reload)")
     add("--version_transition", choices=("availability", "resource"), default="availability",
         help="load a new version beside the serving one (availability) or retire the old one "
-             "first (resource: one version in memory)")
+             "first (resource: one version in memory; requests wait for the new one)")
+    add("--reload_memory_budget_mb", type=float, default=0,
+        help="with availability: load a new version beside the old one only when the server's "
+             "RSS plus what the old one took to load fits in this many MiB, else retire the "
+             "old one first (0: no budget)")
     add("--max_batch_size", type=int, default=64,
         help="most rows in one Predict request (not TF Serving's batching parameter)")
     add("--max_slots", type=int, default=None)
@@ -1205,8 +1295,17 @@ def main(argv=None):
             LOG.warning("--%s has no effect in keras-llm serve%s", name, f": {why}" if why else "")
     if args.enable_batching is not None and args.enable_batching is False:
         LOG.warning("--enable_batching=false: keras-llm always batches concurrent requests")
+    config_poll = args.model_config_file_poll_wait_seconds
     if args.model_config_file:
-        models = read_model_config(args.model_config_file)
+        try:
+            models = read_model_config(args.model_config_file)
+        except (OSError, ValueError) as error:
+            # As TF Serving: stay up, say why, and serve the file once it reads.
+            config_poll = config_poll or CONFIG_RETRY_SECONDS
+            LOG.warning("--model_config_file %s: %s; serving no models until it reads "
+                        "(re-read every %g s)", args.model_config_file,
+                        getattr(error, "strerror", None) or error, config_poll)
+            models = {}
     elif args.model_base_path:
         models = {args.model_name or "default": args.model_base_path}
     else:
@@ -1242,18 +1341,20 @@ def main(argv=None):
         monitoring_path=(read_monitoring_config(args.monitoring_config_file)
                          if args.monitoring_config_file else None),
         config_file=args.model_config_file,
-        config_poll_seconds=args.model_config_file_poll_wait_seconds,
+        config_poll_seconds=config_poll,
         grpc_options=_channel_arguments(args.grpc_channel_arguments),
         grpc_socket_path=args.grpc_socket_path or None,
         cors=args.rest_api_enable_cors_support, warmup=args.enable_model_warmup,
         grace_seconds=args.grace_period_s,
         rest_timeout_s=args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms else None,
         version_transition=args.version_transition,
+        memory_budget_bytes=int(args.reload_memory_budget_mb * 2**20) or None,
         allowed_model_root=args.allowed_model_root)
     where = f"{args.host}:{server.port}"
     if server.rest_api_port:
         where += f" (HTTP {server.rest_api_port})"
-    print(f"keras-llm serving {', '.join(sorted(models))} on {where}", flush=True)
+    print(f"keras-llm serving {', '.join(sorted(models)) or 'no models yet'} on {where}",
+          flush=True)
     done = threading.Event()
 
     def on_signal(*_):

@@ -16,10 +16,15 @@ from tests.helpers import tiny_language_model
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def exported(tmp_path_factory):
     base = tmp_path_factory.mktemp("reliability")
     export_model(tiny_language_model(seed=4), base, "tiny", max_new_tokens=8, progress=False)
-    srv = reliability.Server(str(base), "tiny", slots=2, queue=2)
+    return str(base)
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    srv = reliability.Server(exported, "tiny", slots=2, queue=2)
     srv.start()
     yield srv
     srv.stop()
@@ -89,3 +94,10 @@ def test_a_short_soak_has_no_errors(server):
                               new_tokens=8)
     assert report["errors"] == 0 and report["requests"] > 0, report
     assert report["ttft_p50_s"] is not None and report["itl_p50_s"] is not None
+
+
+def test_hot_reload_under_load_fails_nothing_within_the_memory_budget(exported):
+    report = reliability.hot_reload(exported, "tiny", streams=4, new_tokens=8)
+    assert report["serving_version"] == 2
+    assert report["requests"] > 0 and report["failed"] == 0, report
+    assert report["under_budget"], report

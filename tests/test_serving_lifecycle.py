@@ -1,6 +1,7 @@
 """Server lifecycle on loopback: new versions under load, several models, SIGTERM."""
 
 import concurrent.futures
+import json
 import signal
 import socket
 import subprocess
@@ -251,4 +252,154 @@ def test_model_paths_outside_the_allowed_root_are_refused(tmp_path):
         assert server.servables.lookup("m").version == 1  # still serving
         channel.close()
     finally:
+        server.drain(0)
+
+
+def test_missing_model_config_file_keeps_the_server_up_until_it_reads(tmp_path):
+    """As TF Serving: a config file that does not exist (or does not parse)
+    yet is logged, health says NOT_SERVING, and the models serve once it reads."""
+    import httpx
+
+    config_path = tmp_path / "models.config"
+    port, rest = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keras_llm.cli", "serve", f"--port={port}",
+         f"--rest_api_port={rest}", f"--model_config_file={config_path}",
+         "--model_config_file_poll_wait_seconds=0.5", "--max_slots=1", "--max_length=64"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving no models yet" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{rest}/health"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                assert httpx.get(url, timeout=5).status_code == 503
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        config_path.write_text("model_config_list { config { name: ")  # half-written
+        time.sleep(1.5)
+        assert proc.poll() is None and httpx.get(url, timeout=5).status_code == 503
+        export_model(tiny_lm(7), tmp_path, "m", max_new_tokens=4, progress=False)
+        config_path.write_text(
+            f'model_config_list {{ config {{ name: "m" base_path: "{tmp_path / "m"}" }} }}\n')
+        while httpx.get(url, timeout=5).status_code != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            answer = client.generate("he", model_name="m", max_new_tokens=4, ignore_eos=True)
+        assert list(answer.token_ids) == tiny_lm(7).generate(
+            "he", max_new_tokens=4, stop_ids=()).token_ids
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=10).status
+        channel.close()
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "No such file" in err  # the start-up warning says why
+    assert '"event": "config_reload_failed"' in err  # the half-written file, logged
+
+
+def test_half_written_version_is_retried_and_serves_once_complete(tmp_path):
+    """A version directory still being copied (no variables yet) fails to load
+    and is retried with backoff while the serving version keeps answering;
+    complete, it replaces it."""
+    import shutil
+
+    export_model(tiny_lm(8), tmp_path / "a", "m", max_new_tokens=4, progress=False)
+    export_model(tiny_lm(9), tmp_path / "b", "m", max_new_tokens=4, progress=False)
+    base = tmp_path / "a" / "m"
+    server = Server({"m": str(base)}, port=0, poll_seconds=0.2,
+                    engine_config=EngineConfig(max_slots=2, max_length=64, prompt_bucket=16))
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+            first = list(client.generate("he", max_new_tokens=4, ignore_eos=True).token_ids)
+            partial = base / "2"
+            partial.mkdir()
+            shutil.copy(tmp_path / "b" / "m" / "1" / "saved_model.pb", partial)
+            deadline = time.time() + 60
+            retries = server.manager._retry  # pylint: disable=protected-access
+            while ("m", 2) not in retries and time.time() < deadline:
+                time.sleep(0.1)
+            assert ("m", 2) in retries
+            assert server.servables.lookup("m").version == 1
+            assert list(client.generate("he", max_new_tokens=4,
+                                        ignore_eos=True).token_ids) == first
+            for entry in (tmp_path / "b" / "m" / "1").iterdir():
+                if entry.name != "saved_model.pb":
+                    (shutil.copytree if entry.is_dir() else shutil.copy)(
+                        entry, partial / entry.name)
+            while server.servables.lookup("m").version != 2 and time.time() < deadline + 60:
+                time.sleep(0.1)
+            assert server.servables.lookup("m").version == 2
+            second = list(client.generate("he", max_new_tokens=4, ignore_eos=True).token_ids)
+            assert second == tiny_lm(9).generate("he", max_new_tokens=4,
+                                                 stop_ids=()).token_ids != first
+    finally:
+        server.drain(0)
+
+
+def test_reload_over_the_memory_budget_retires_first_and_fails_no_request(tmp_path, caplog):
+    """A new version that would not fit beside the old one in the memory
+    budget replaces it (resource transition, one version in memory) while
+    gRPC Generate, gRPC Predict and HTTP requests keep coming: they wait for
+    the new version, and none fails."""
+    import httpx
+
+    caplog.set_level("INFO", logger="keras_llm")
+    first, second = tiny_lm(10), tiny_lm(11)
+    export_model(first, tmp_path, "m", max_new_tokens=4, progress=False)
+    config = EngineConfig(max_slots=2, max_queue=16, max_length=64, prompt_bucket=16)
+    server = Server({"m": str(tmp_path / "m")}, port=0, engine_config=config, poll_seconds=0.2,
+                    rest_api_port=0, memory_budget_bytes=1)  # nothing fits beside
+    target, url = f"127.0.0.1:{server.port}", f"http://127.0.0.1:{server.rest_api_port}"
+    stop = threading.Event()
+    failures, answers = [], []
+
+    def grpc_load(kind):
+        with Client(target, timeout=120) as client:
+            while not stop.is_set():
+                try:
+                    if kind == "generate":
+                        answers.append(tuple(client.generate(
+                            "he", max_new_tokens=4, ignore_eos=True).token_ids))
+                    else:
+                        client.predict("m", ["he"])
+                except grpc.RpcError as error:
+                    failures.append((kind, error.code()))
+
+    def http_load():
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                reply = http.post(f"{url}/v1/completions", json={
+                    "model": "m", "prompt": "he", "max_tokens": 4, "ignore_eos": True})
+                if reply.status_code != 200:
+                    failures.append(("http", reply.status_code, reply.text))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            workers = [pool.submit(grpc_load, "generate"), pool.submit(grpc_load, "generate"),
+                       pool.submit(grpc_load, "predict"), pool.submit(http_load)]
+            time.sleep(1.0)
+            export_model(second, tmp_path, "m", max_new_tokens=4, progress=False)
+            deadline = time.time() + 120
+            while (getattr(server.servables.lookup("m"), "version", None) != 2
+                   and time.time() < deadline):
+                time.sleep(0.1)
+            time.sleep(1.0)
+            stop.set()
+            for w in workers:
+                w.result()
+        assert sorted(server.servables.versions["m"]) == [2]
+        assert failures == []
+        events = [json.loads(r.getMessage())["event"] for r in caplog.records
+                  if r.getMessage().startswith("{")]
+        transition = events[events.index("version_transition_resource"):]
+        assert transition.index("model_retired") < transition.index("model_loaded")
+        old = tuple(first.generate("he", max_new_tokens=4, stop_ids=()).token_ids)
+        new = tuple(second.generate("he", max_new_tokens=4, stop_ids=()).token_ids)
+        assert old in answers and answers[-1] == new
+    finally:
+        stop.set()
         server.drain(0)
