@@ -32,6 +32,7 @@ examples for TF Serving.
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -45,8 +46,10 @@ import keras_llm
 from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
 from keras_llm.runtime import artifacts
+from keras_llm.runtime.tokenizer import TOKENIZER_FILE
 from keras_llm.runtime.xla import SlotDecoder
 
+LOG = logging.getLogger("keras_llm.export")
 SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
 METADATA_ASSET = "keras_llm.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -201,17 +204,24 @@ class GenerationModule(tf.Module):
         return {"token_ids": tokens, "num_tokens": counts}
 
     def _score(self, token_ids, num_tokens):
-        # Right padding is harmless here: attention is causal, so padding after a
-        # row's tokens cannot change the logits of the tokens before it.
-        length = tf.shape(token_ids)[1]
-        valid = tf.range(length)[tf.newaxis, :] < num_tokens[:, tf.newaxis]
-        ids = tf.where(valid, token_ids, self._pad)
-        logits = tf.cast(self.model(ids, training=False), tf.float32)  # (B, T, V)
-        log_probs = tf.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = tf.gather(log_probs, ids[:, 1:], batch_dims=2)  # (B, T-1)
-        picked = tf.concat([tf.zeros_like(picked[:, :1]), picked], axis=1)
-        picked = tf.where(valid, picked, 0.0)
-        return {"log_probs": picked, "total_log_prob": tf.reduce_sum(picked, axis=1)}
+        return score_outputs(self.model, token_ids, num_tokens, self._pad)
+
+
+def score_outputs(model, token_ids, num_tokens, pad_id):
+    """The `score` signature's outputs: `log_probs (B, T)` (position t holds
+    log p(token t | tokens before it); 0 at position 0 and in padding) and
+    `total_log_prob (B,)`, from one forward pass of the causal `model`."""
+    # Right padding is harmless here: attention is causal, so padding after a
+    # row's tokens cannot change the logits of the tokens before it.
+    length = tf.shape(token_ids)[1]
+    valid = tf.range(length)[tf.newaxis, :] < num_tokens[:, tf.newaxis]
+    ids = tf.where(valid, token_ids, pad_id)
+    logits = tf.cast(model(ids, training=False), tf.float32)  # (B, T, V)
+    log_probs = tf.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = tf.gather(log_probs, ids[:, 1:], batch_dims=2)  # (B, T-1)
+    picked = tf.concat([tf.zeros_like(picked[:, :1]), picked], axis=1)
+    picked = tf.where(valid, picked, 0.0)
+    return {"log_probs": picked, "total_log_prob": tf.reduce_sum(picked, axis=1)}
 
 
 def chat_affixes(tokenizer):
@@ -304,10 +314,25 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         raise ExportError(f"version must be a positive integer, got {version!r}")
     base = os.path.abspath(os.fspath(model_base_path))
     model_dir = os.path.join(base, model_name)
+    created = not os.path.exists(model_dir)  # removed again if this export fails
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as error:
         raise ExportError(f"cannot create {model_dir}: {error.strerror or error}") from None
+    try:
+        return _export_version(model, base, model_dir, model_name, version, max_new_tokens,
+                               jit_compile, chat, safe_mode, warmup, progress, litert,
+                               litert_batch_sizes, litert_max_length, litert_lengths)
+    except BaseException:
+        if created:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+
+
+def _export_version(model, base, model_dir, model_name, version, max_new_tokens, jit_compile,
+                    chat, safe_mode, warmup, progress, litert, litert_batch_sizes,
+                    litert_max_length, litert_lengths):
+    """`export_model` once `model_dir` exists."""
     if not os.access(model_dir, os.W_OK):
         raise ExportError(f"{model_dir} is not writable")
     version = next_version(model_dir) if version is None else version
@@ -316,6 +341,11 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         raise ExportError(f"version {version} already exists at {target}; exports never overwrite")
     lm = model if isinstance(model, keras_llm.LanguageModel) else keras_llm.load(
         model, safe_mode=safe_mode, progress=progress)
+    if getattr(lm, "generic", False):
+        if chat:
+            raise ExportError("--chat needs the tokenizer in the graph; a user's model exports "
+                              "ids signatures (apply the chat template on the client)")
+        litert = None  # the LiteRT converter knows keras-llm's Llama only
     litert_optional = litert == "auto"
     if litert_optional:
         litert = artifacts.precision_of(lm.metadata)  # None for 16-bit models: XLA serves them
@@ -324,48 +354,12 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
     remove_stale_staging(model_dir)
     staging = os.path.join(model_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex}")
     try:
-        module = GenerationModule(lm, max_new_tokens=max_new_tokens, jit_compile=jit_compile,
-                                  chat=chat)
-        signatures = {name: getattr(module, name).get_concrete_function()
-                      for name in SIGNATURES}
-        tf.saved_model.save(module, staging, signatures=signatures)
-        metadata = {
-            "keras_llm_version": keras_llm.__version__,
-            "tensorflow_version": tf.__version__,
-            "source": lm.metadata.get("source"),
-            "preset": lm.metadata.get("preset"),
-            "architecture": lm.metadata.get("architecture", "llama"),
-            "config": lm.config.to_dict(),
-            "dtype": find_layer(lm.model, "layer_0_query").compute_dtype,
-            "quantization": lm.metadata.get("quantization"),
-            "sparsity": lm.metadata.get("sparsity"),
-            "tokenizer": {"type": "byte_level_bpe", "vocabulary_size": lm.tokenizer.vocabulary_size,
-                          "bos_id": lm.tokenizer.bos_id, "eos_id": lm.tokenizer.eos_id,
-                          "pad_id": module._pad, "stop_ids": module._stop_ids},  # pylint: disable=protected-access
-            "chat_template": lm.tokenizer.chat_template,
-            "chat_applied_in_graph": chat,
-            "context_length": lm.config.context_length,
-            "max_new_tokens": int(max_new_tokens),
-            "xla": bool(jit_compile),
-            "signatures": list(SIGNATURES),
-            "engine_functions": ["engine.allocate", "engine.prefill", "engine.decode"],
-        }
-        assets = os.path.join(staging, "assets")
-        os.makedirs(assets, exist_ok=True)
-        with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=2, ensure_ascii=False)
-        lm.tokenizer.save_assets(assets)
-        if warmup:
-            write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
-        if litert:
-            try:
-                _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
-                              litert_lengths, metadata)
-            except Exception as error:  # pylint: disable=broad-except
-                if not litert_optional:
-                    raise
-                print(f"keras-llm: no LiteRT file in the export (conversion failed: {error}); "
-                      "the server will decode with XLA", file=sys.stderr, flush=True)
+        if getattr(lm, "generic", False):
+            _save_recompute(lm, staging, model_name, max_new_tokens, warmup)
+        else:
+            _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warmup,
+                        litert, litert_optional, litert_batch_sizes, litert_max_length,
+                        litert_lengths)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -375,6 +369,104 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         print(f"exported {model_name} version {version} to {target} "
               f"in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return target
+
+
+def _save_recompute(lm, staging, model_name, max_new_tokens, warmup):
+    """Write the SavedModel of a user's causal LM (see `export.recompute`)."""
+    from keras_llm.export.recompute import RecomputeGenerationModule  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime import user_tokenizer  # pylint: disable=import-outside-toplevel
+
+    path = getattr(lm, "tokenizer_file", None)
+    in_graph = None
+    if path and user_tokenizer.tokenizer_format(path) == "keras_llm":
+        from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
+        in_graph = BytePairTokenizer.from_config_file(path)
+    try:
+        module = RecomputeGenerationModule(lm, max_new_tokens=max_new_tokens, tokenizer=in_graph)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    signatures = {name: getattr(module, name).get_concrete_function()
+                  for name in module.signature_names}
+    tf.saved_model.save(module, staging, signatures=signatures)
+    host = lm.host_tokenizer
+    tokenizer_json = None
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            tokenizer_json = handle.read()
+    elif host is not None and callable(getattr(host, "to_json", None)):
+        tokenizer_json = host.to_json()
+    metadata = {
+        "keras_llm_version": keras_llm.__version__,
+        "tensorflow_version": tf.__version__,
+        "source": lm.metadata.get("source"),
+        **module.metadata(),
+        "tokenizer": {"type": (user_tokenizer.tokenizer_format(path) if path else
+                               "huggingface" if tokenizer_json else None),
+                      "vocabulary_size": host.vocabulary_size if host is not None else None,
+                      "bos_id": host.bos_id if host is not None else None,
+                      "eos_id": host.eos_id if host is not None else None,
+                      "pad_id": module.pad_id, "stop_ids": module.stop_ids},
+        "chat_template": host.chat_template if host is not None else None,
+    }
+    if tokenizer_json is None:
+        LOG.info("the export has no tokenizer (ids only)")
+    assets = os.path.join(staging, "assets")
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, indent=2, ensure_ascii=False)
+    if tokenizer_json is not None:
+        with open(os.path.join(assets, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            f.write(tokenizer_json)
+    if warmup:
+        write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name,
+                     module.signature_names)
+
+
+def _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warmup, litert,
+                litert_optional, litert_batch_sizes, litert_max_length, litert_lengths):
+    """Write the SavedModel of a keras-llm Llama (see the module docstring)."""
+    module = GenerationModule(lm, max_new_tokens=max_new_tokens, jit_compile=jit_compile,
+                              chat=chat)
+    signatures = {name: getattr(module, name).get_concrete_function()
+                  for name in SIGNATURES}
+    tf.saved_model.save(module, staging, signatures=signatures)
+    metadata = {
+        "keras_llm_version": keras_llm.__version__,
+        "tensorflow_version": tf.__version__,
+        "source": lm.metadata.get("source"),
+        "preset": lm.metadata.get("preset"),
+        "architecture": lm.metadata.get("architecture", "llama"),
+        "config": lm.config.to_dict(),
+        "dtype": find_layer(lm.model, "layer_0_query").compute_dtype,
+        "quantization": lm.metadata.get("quantization"),
+        "sparsity": lm.metadata.get("sparsity"),
+        "tokenizer": {"type": "byte_level_bpe", "vocabulary_size": lm.tokenizer.vocabulary_size,
+                      "bos_id": lm.tokenizer.bos_id, "eos_id": lm.tokenizer.eos_id,
+                      "pad_id": module._pad, "stop_ids": module._stop_ids},  # pylint: disable=protected-access
+        "chat_template": lm.tokenizer.chat_template,
+        "chat_applied_in_graph": chat,
+        "context_length": lm.config.context_length,
+        "max_new_tokens": int(max_new_tokens),
+        "xla": bool(jit_compile),
+        "signatures": list(SIGNATURES),
+        "engine_functions": ["engine.allocate", "engine.prefill", "engine.decode"],
+    }
+    assets = os.path.join(staging, "assets")
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, indent=2, ensure_ascii=False)
+    lm.tokenizer.save_assets(assets)
+    if warmup:
+        write_warmup(os.path.join(staging, "assets.extra", WARMUP_FILE), model_name)
+    if litert:
+        try:
+            _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
+                          litert_lengths, metadata)
+        except Exception as error:  # pylint: disable=broad-except
+            if not litert_optional:
+                raise
+            print(f"keras-llm: no LiteRT file in the export (conversion failed: {error}); "
+                  "the server will decode with XLA", file=sys.stderr, flush=True)
 
 
 def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, metadata):
@@ -449,11 +541,13 @@ def warmup_requests(model_name):
     ]
 
 
-def write_warmup(path, model_name):
+def write_warmup(path, model_name, signatures=SIGNATURES):
+    """Warm-up records for the `signatures` an export has."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
         for log in warmup_requests(model_name):
-            writer.write(log.SerializeToString())
+            if log.predict_log.request.model_spec.signature_name in signatures:
+                writer.write(log.SerializeToString())
 
 
 BATCHING_PARAMETERS = """\

@@ -1,6 +1,7 @@
 """The `keras-llm` command line.
 
     keras-llm generate --model smollm2 --prompt "..." [--chat] [--json] ...
+    keras-llm generate --model my_lm.keras --custom-objects my_layers --tokenizer tokenizer.json ...
     keras-llm tokenize --model smollm2 --text "..." [--json]
     keras-llm export --model smollm2 --model_base_path DIR --model_name NAME
     keras-llm import --model FILE.gguf --output DIR
@@ -60,7 +61,11 @@ def _add_model(parser):
     parser.add_argument("--model", default="smollm2",
                         help="preset name (smollm2), model directory, .keras/.h5 or .gguf file")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer for a bare .keras/.h5 file (default: beside it)")
+                        help="tokenizer.json for a bare .keras/.h5 file, keras-llm's or Hugging "
+                             "Face's (default: beside it; none: ids only)")
+    parser.add_argument("--custom-objects", dest="custom_objects", default=None,
+                        help="module (importable name or .py file) that registers the model's "
+                             "own layers, or exposes a custom_objects dict")
     parser.add_argument("--unsafe", action="store_true",
                         help="allow model files that run Python code on load (Lambda layers)")
 
@@ -155,8 +160,11 @@ def build_parser():
     commands.add_parser("bench", help="benchmark keras-llm against its competitors (the suite "
                         "in the repository's benchmarks/; keras-llm bench --help)")
 
-    imp = commands.add_parser("import", help="import a GGUF checkpoint into a model directory")
-    imp.add_argument("--model", required=True, help="the .gguf file")
+    imp = commands.add_parser("import", help="import a GGUF file or a Hugging Face checkpoint "
+                                             "directory into a model directory")
+    imp.add_argument("--model", required=True,
+                     help="the .gguf file, or a Hugging Face directory (config.json, "
+                          "*.safetensors, tokenizer.json)")
     imp.add_argument("--output", required=True, help="model directory to write")
 
     opt = commands.add_parser("optimize", help="prune, quantize, distill or cast a model; "
@@ -182,10 +190,40 @@ def build_parser():
     return parser
 
 
+def custom_objects(spec):
+    """Import `--custom-objects`: a module name (found from the current
+    directory too, as `python -m` would) or a `.py` file. Importing it
+    registers the user's layers; its `custom_objects` dict, if any, is
+    returned for `load_model`."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    if spec is None:
+        return None
+    if os.path.isfile(spec):
+        name = os.path.splitext(os.path.basename(spec))[0]
+        module_spec = importlib.util.spec_from_file_location(name, spec)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(spec)
+        except ImportError as error:
+            raise UsageError(f"--custom-objects {spec}: cannot import it ({error})") from None
+    objects = getattr(module, "custom_objects", None)
+    if objects is not None and not isinstance(objects, dict):
+        raise UsageError(f"--custom-objects {spec}: its custom_objects is not a dict")
+    return objects
+
+
 def _load(args, **options):
     from keras_llm.language_model import load  # pylint: disable=import-outside-toplevel
 
-    return load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer, **options)
+    return load(args.model, safe_mode=not args.unsafe, tokenizer=args.tokenizer,
+                custom_objects=custom_objects(args.custom_objects), **options)
 
 
 def cmd_generate(args):
@@ -242,13 +280,21 @@ def _tokenizer_only(spec, args):
     directory = presets.preset_dir(spec) if spec in presets.PRESETS else spec
     if artifacts.is_model_dir(directory):
         return HostTokenizer.load(directory)
-    return load(spec, safe_mode=not args.unsafe, tokenizer=args.tokenizer).host_tokenizer
+    tokenizer = _load(args).host_tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{spec} has no tokenizer: pass --tokenizer FILE")
+    return tokenizer
 
 
 def cmd_import(args):
-    from keras_llm import gguf_import, saving  # pylint: disable=import-outside-toplevel
+    from keras_llm import gguf_import, hf_import, saving  # pylint: disable=import-outside-toplevel
 
-    model, tokenizer, metadata = gguf_import.load_gguf(args.model)
+    read = hf_import.load_hf if hf_import.is_hf_dir(args.model) else gguf_import.load_gguf
+    model, tokenizer, metadata = read(args.model)
+    if tokenizer is None:
+        raise UsageError(f"{args.model}: its tokenizer cannot run in keras-llm "
+                         f"({metadata.get('tokenizer_unsupported', 'none found')}); "
+                         "generate from it directly with --model DIR (ids only)")
     path = saving.save_model_dir(args.output, model, tokenizer, metadata)
     print(path)
 
@@ -371,7 +417,9 @@ def _too_long(error):
 def cmd_export(args):
     from keras_llm.export.saved_model import export_model  # pylint: disable=import-outside-toplevel
 
-    path = export_model(args.model, args.model_base_path, args.model_name,
+    # A tokenizer or the user's layers change what is loaded: load it here.
+    model = _load(args) if (args.tokenizer or args.custom_objects) else args.model
+    path = export_model(model, args.model_base_path, args.model_name,
                         version=args.version, max_new_tokens=args.max_new_tokens,
                         jit_compile=args.xla, chat=args.chat, safe_mode=not args.unsafe,
                         warmup=args.warmup, litert=args.litert,

@@ -21,6 +21,18 @@ class LlamaConfig:
         rms_norm_epsilon: epsilon of RMSNorm.
         context_length: longest sequence the model is used for.
         tie_word_embeddings: reuse the token embedding as the output head.
+        attention_bias: the query, key and value projections have a bias
+            (Qwen2).
+        mlp_activation: activation of the gated MLP's gate: "silu" (SwiGLU)
+            or "gelu_tanh" (GeGLU with the tanh approximation, Gemma).
+        norm_weight_offset: RMSNorm multiplies by `offset + weight` (Gemma
+            stores its norm weights as `weight - 1`: 1.0).
+        embedding_scale: factor on the looked-up token embeddings (Gemma:
+            `sqrt(hidden_dim)`); None for none. The tied output head uses the
+            unscaled table.
+        rope_scaling: None, or Llama 3.1's RoPE rescaling as a dict
+            (`rope_type` "llama3", `factor`, `low_freq_factor`,
+            `high_freq_factor`, `original_max_position_embeddings`).
 
     Example:
         >>> cfg = LlamaConfig.named("tiny")
@@ -39,6 +51,11 @@ class LlamaConfig:
     rms_norm_epsilon: float = 1e-5
     context_length: int = 2048
     tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_activation: str = "silu"
+    norm_weight_offset: float = 0.0
+    embedding_scale: float | None = None
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         for field in ("vocabulary_size", "hidden_dim", "num_layers",
@@ -54,6 +71,12 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling and self.rope_scaling.get("rope_type") != "llama3":
+            raise ValueError(f"rope_scaling must be None or of rope_type 'llama3', "
+                             f"got {self.rope_scaling!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, "
+                             f"got {self.mlp_activation!r}")
 
     @property
     def query_groups(self):
@@ -83,6 +106,8 @@ class LlamaConfig:
                 f"unknown config {name!r}; known: {sorted(NAMED_CONFIGS)}"
             ) from None
 
+
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 NAMED_CONFIGS = {
     # A few thousand parameters: the fast test suite builds this one.

@@ -43,6 +43,29 @@ def round_up(value, multiple):
     return (value + multiple - 1) // multiple * multiple
 
 
+def account(token, done, lengths, finished, stop_ids, max_new_tokens, step, pad_id):
+    """Stop and length handling of an in-graph decode loop, after `step`.
+
+    Pads rows already done (or `finished`), counts each row's tokens (a stop
+    id is not counted) and marks rows done at a stop id or `max_new_tokens`.
+    Shared by every SavedModel decode loop.
+
+    Args:
+        token: int32 `(B,)` sampled tokens; done, finished: bool `(B,)`;
+        lengths: int32 `(B,)` tokens so far; stop_ids: int32 `(S,)`;
+        max_new_tokens: int32 `(B,)`; step: the step index; pad_id: int.
+
+    Returns:
+        `(token, done, lengths)`.
+    """
+    done = done | finished
+    token = tf.where(done, pad_id, token)
+    stopped = tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis, :], axis=-1) & ~done
+    lengths += tf.cast(~(done | stopped), tf.int32)
+    done = done | stopped | (step + 1 >= max_new_tokens)
+    return token, done, lengths
+
+
 class Generator:
     """Generates tokens from a keras-llm model with a KV cache and XLA.
 
@@ -101,13 +124,8 @@ class Generator:
         return token, caches, done, lengths
 
     def _account(self, token, done, lengths, finished, stop_ids, max_new_tokens, step):
-        """Pad finished rows, count tokens, and mark rows done after `step`."""
-        done = done | finished
-        token = tf.where(done, self.pad_id, token)
-        stopped = tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis, :], axis=-1) & ~done
-        lengths += tf.cast(~(done | stopped), tf.int32)
-        done = done | stopped | (step + 1 >= max_new_tokens)
-        return token, done, lengths
+        return account(token, done, lengths, finished, stop_ids, max_new_tokens, step,
+                       self.pad_id)
 
     def _decode(self, token, caches, done, lengths, first_step, num_steps,
                 prompt_length, key_start, out_slots, temperature, top_k, top_p, seeds,

@@ -18,6 +18,7 @@ from keras_llm.runtime import artifacts
 from keras_llm.runtime.engine import Engine, EngineConfig, decode_rate
 from keras_llm.runtime.params import SamplingParams
 from keras_llm.runtime.tokenizer import HostTokenizer
+from keras_llm.runtime.user_tokenizer import as_host_tokenizer
 
 LOG = logging.getLogger("keras_llm")
 BACKENDS = ("auto", "litert", "xla")
@@ -54,9 +55,13 @@ class LanguageModel:
 
     Args:
         model: the Functional keras model, or None to load it from `source`
-            when needed.
-        tokenizer: its `BytePairTokenizer` (or None with a `source` that is a
-            model directory).
+            when needed. A model not built by `build_llama` (any causal LM
+            mapping token ids `(B, T)` to logits `(B, T, V)`) generates on
+            the recompute backend (`keras_llm.runtime.recompute`).
+        tokenizer: its `BytePairTokenizer`, any object with `encode(text) ->
+            ids` and `decode(ids) -> text` (e.g. a `tokenizers.Tokenizer`),
+            or None: with a `source` that is a model directory, its own;
+            else ids only (`generate_ids`, `stream` with ids).
         metadata: dict describing where the model came from.
         source: the model directory or file it was loaded from; its LiteRT
             artifacts are kept there (see `keras_llm.runtime.artifacts`).
@@ -66,6 +71,8 @@ class LanguageModel:
         num_threads: LiteRT threads (default: every core).
         progress: show progress on long steps (a first conversion).
         safe_mode: refuse model files that carry Python code.
+        max_positions: for a model that is not a keras-llm Llama and does
+            not say how many positions it takes: its limit (default 2048).
 
     Example:
         >>> lm = keras_llm.load("smollm2")
@@ -74,7 +81,8 @@ class LanguageModel:
     """
 
     def __init__(self, model=None, tokenizer=None, metadata=None, source=None, backend="auto",
-                 max_slots=16, num_threads=None, progress=True, safe_mode=True):
+                 max_slots=16, num_threads=None, progress=True, safe_mode=True,
+                 max_positions=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if model is None and source is None:
@@ -88,16 +96,23 @@ class LanguageModel:
         self.num_threads = num_threads
         self.progress = progress
         self.safe_mode = safe_mode
+        self.max_positions = max_positions
+        self.tokenizer_file = None  # the tokenizer.json a bare model file was loaded with
+        # A model given here may be the user's own; from a source directory it is keras-llm's.
+        self.generic = model is not None and not _is_llama(model)
         if tokenizer is not None:
-            self.host_tokenizer = HostTokenizer(tokenizer.get_config())
-        else:
+            self.host_tokenizer = as_host_tokenizer(tokenizer)
+        elif self.source is not None and os.path.isdir(self.source):
             self.host_tokenizer = HostTokenizer.load(self.source)
+        else:
+            self.host_tokenizer = None
         self._engine = None
-        if model is not None:
-            vocabulary = self.config.vocabulary_size
-            if self.host_tokenizer.vocabulary_size > vocabulary:
-                raise ValueError(f"tokenizer has {self.host_tokenizer.vocabulary_size} tokens "
-                                 f"but the model only {vocabulary}")
+        if model is not None and self.host_tokenizer is not None:
+            vocabulary = (self.config.vocabulary_size if not self.generic
+                          else _output_size(model))
+            tokens = self.host_tokenizer.vocabulary_size
+            if vocabulary is not None and tokens is not None and tokens > vocabulary:
+                raise ValueError(f"tokenizer has {tokens} tokens but the model only {vocabulary}")
 
     # ----- lazily loaded parts ---------------------------------------------
 
@@ -120,6 +135,7 @@ class LanguageModel:
 
     @property
     def config(self):
+        """The `LlamaConfig` of a keras-llm model (ValueError for a user's own)."""
         from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
         return config_from_model(self.model)
 
@@ -127,8 +143,11 @@ class LanguageModel:
     def engine(self):
         """The `Engine` this model generates with (built on first use)."""
         if self._engine is None:
-            self._engine = Engine(self._backend(), self.host_tokenizer,
-                                  EngineConfig(max_slots=self.max_slots, max_length=1024))
+            backend = self._backend()
+            # A user's model runs up to its own limit; keras-llm's caches take 1024.
+            length = backend.capabilities.max_length if self.generic else 1024
+            self._engine = Engine(backend, self.host_tokenizer,
+                                  EngineConfig(max_slots=self.max_slots, max_length=length))
         return self._engine
 
     def has_litert_files(self):
@@ -146,6 +165,10 @@ class LanguageModel:
                              max_slots=self.max_slots, progress=self.progress)
 
     def _backend(self):
+        if self.generic:
+            from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
+            return RecomputeBackend.from_model(self.model, max_length=self.max_positions,
+                                               max_slots=self.max_slots)
         from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
         precision = artifacts.precision_of(self.metadata)
         if self.backend_name != "xla" and self.source is not None and precision:
@@ -190,6 +213,9 @@ class LanguageModel:
                             f"got {type(prompt).__name__}")
         elif not prompt:
             raise ValueError("empty prompt")
+        if self.host_tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids (generate_ids, or "
+                             "stream with a list of ids), or load it with tokenizer=...")
         if chat:
             prompt = self.host_tokenizer.apply_chat_template(prompt, system=system)
         return self.host_tokenizer.encode(prompt)  # adds BOS when the tokenizer says so
@@ -256,6 +282,22 @@ def _is_conversation(prompt):
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
 
 
+def _is_llama(model):
+    """Whether `model` was built by keras-llm's `build_llama`."""
+    from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
+    try:
+        config_from_model(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _output_size(model):
+    """The last dimension of a model's output (its vocabulary), or None."""
+    shape = getattr(model, "output_shape", None)
+    return shape[-1] if isinstance(shape, tuple) and shape and isinstance(shape[-1], int) else None
+
+
 def _kind(path):
     """What a model file is, from its first bytes: "gguf", "keras" (a zip),
     "h5" (HDF5) or None."""
@@ -273,18 +315,66 @@ def _kind(path):
     return None
 
 
-def load(spec, safe_mode=True, tokenizer=None, progress=True, backend="auto", **options):
+def _tokenizer_path(spec, tokenizer):
+    """The tokenizer file for a bare model file: `tokenizer` (a file, or a
+    directory holding `tokenizer.json`), else `tokenizer.json` beside
+    `spec`; None when there is none."""
+    from keras_llm.runtime.tokenizer import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
+    path = (os.path.abspath(os.fspath(tokenizer)) if tokenizer is not None
+            else os.path.dirname(os.path.abspath(spec)))
+    if os.path.isdir(path):
+        path = os.path.join(path, TOKENIZER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def _file_tokenizer(spec, tokenizer, required):
+    """The tokenizer of a bare `.keras`/`.h5` file `spec` (see `load`): a
+    keras-llm `tokenizer.json` as the in-graph `BytePairTokenizer`, a Hugging
+    Face one through `tokenizers`, an object as given; None when there is
+    none and it is not `required`."""
+    from keras_llm import saving  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime import user_tokenizer  # pylint: disable=import-outside-toplevel
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    path = _tokenizer_path(spec, tokenizer)
+    if path is None:
+        if tokenizer is not None or required:
+            where = tokenizer if tokenizer is not None else f"{saving.TOKENIZER_FILE} beside it"
+            raise saving.ModelFileError(f"no tokenizer for {spec}: expected {where}, "
+                                        "or pass a tokenizer path")
+        return None
+    if user_tokenizer.tokenizer_format(path) == "keras_llm":
+        from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
+        return BytePairTokenizer.from_config_file(path)
+    try:
+        return user_tokenizer.load_tokenizer(path)
+    except ValueError as error:
+        raise saving.ModelFileError(f"cannot read the tokenizer {path}: {error}") from None
+
+
+def load(spec, safe_mode=True, tokenizer=None, progress=True, backend="auto",
+         custom_objects=None, **options):
     """Load a model by preset name or path.
 
     Args:
         spec: a preset name (`"smollm2"`), a keras-llm model directory, a
+            Hugging Face checkpoint directory (`hf_import.is_hf_dir`), a
             `.keras`/`.h5` file, or a `.gguf` file (told apart by content).
+            A `.keras`/`.h5` file may hold any causal LM (token ids `(B, T)`
+            -> logits `(B, T, V)`); one not built by `build_llama` generates
+            on the recompute backend.
         safe_mode: refuse model files that carry Python code.
-        tokenizer: for bare `.keras`/`.h5` files: a `tokenizer.json` file or
-            the directory holding one (default: beside the model file).
+        tokenizer: for bare `.keras`/`.h5` files: a `tokenizer.json` file
+            (keras-llm's or Hugging Face's, told apart by content), the
+            directory holding one, or a tokenizer object (see
+            `LanguageModel`). Default: `tokenizer.json` beside the model
+            file; for a user's model without one, ids only.
         progress: show progress on long steps.
         backend: "auto", "litert" or "xla" (see `LanguageModel`).
-        **options: `max_slots`, `num_threads` (see `LanguageModel`).
+        custom_objects: `{name: class}` of the user's own layers, for
+            `.keras`/`.h5` files (see `keras_llm.load_model`).
+        **options: `max_slots`, `num_threads`, `max_positions` (see
+            `LanguageModel`).
 
     Returns:
         A `LanguageModel`.
@@ -304,24 +394,29 @@ def load(spec, safe_mode=True, tokenizer=None, progress=True, backend="auto", **
                              **common)
     if artifacts.is_model_dir(spec):
         return LanguageModel(source=spec, metadata=artifacts.read_metadata(spec), **common)
+    from keras_llm import hf_import  # pylint: disable=import-outside-toplevel
+    if hf_import.is_hf_dir(spec):  # its LiteRT files are keyed on the weights file, as a GGUF's
+        return LanguageModel(*hf_import.load_hf(spec, progress=progress),
+                             source=hf_import.weights_file(spec), **common)
     from keras_llm import saving  # pylint: disable=import-outside-toplevel
     kind = _kind(spec) if os.path.isfile(spec) else None
     if kind == "gguf":
         from keras_llm import gguf_import  # pylint: disable=import-outside-toplevel
         return LanguageModel(*gguf_import.load_gguf(spec, progress=progress), source=spec,
                              **common)
+    if kind == "keras":
+        from keras_llm import keras_hub_import  # pylint: disable=import-outside-toplevel
+        if keras_hub_import.is_keras_hub_file(spec):  # a keras-hub (Keras 3) Llama or Gemma
+            model, _, metadata = keras_hub_import.load_keras_hub(spec, progress=progress)
+            tok = _file_tokenizer(spec, tokenizer, required=False)
+            return LanguageModel(model, tok, metadata, source=spec, **common)
     if kind in ("keras", "h5"):
-        from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
-        model = saving.load_model(spec, safe_mode=safe_mode)
-        source = os.path.abspath(tokenizer) if tokenizer else os.path.dirname(os.path.abspath(spec))
-        directory, name = ((os.path.dirname(source), os.path.basename(source))
-                           if os.path.isfile(source) else (source, saving.TOKENIZER_FILE))
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise saving.ModelFileError(
-                f"no tokenizer for {spec}: expected {saving.TOKENIZER_FILE} beside it, "
-                "or pass a tokenizer path")
-        tok = BytePairTokenizer.from_config_file(os.path.join(directory, name))
-        return LanguageModel(model, tok, {"source": os.path.abspath(spec)}, source=spec, **common)
+        model = saving.load_model(spec, custom_objects=custom_objects, safe_mode=safe_mode)
+        tok = _file_tokenizer(spec, tokenizer, required=_is_llama(model))
+        lm = LanguageModel(model, tok, {"source": os.path.abspath(spec)}, source=spec, **common)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            lm.tokenizer_file = _tokenizer_path(spec, tokenizer)
+        return lm
     if os.path.exists(spec):
         raise saving.ModelFileError(
             f"cannot load {spec}: it is not a keras-llm model directory, "

@@ -192,9 +192,10 @@ def smooth(model, calibration_ids=None, alpha=0.5):
             scale = (channel_max(acts) ** alpha / weight_max ** (1.0 - alpha)).astype(np.float32)
             for kernel in kernels:
                 kernel.assign(kernel.numpy() * scale[:, np.newaxis])
-            if norm_name is not None:
+            if norm_name is not None:  # the norm's factor `offset + scale` becomes `/ s`
                 norm = find_layer(smoothed, norm_name)
-                norm.scale.assign(norm.scale.numpy() / scale)
+                offset = norm.weight_offset
+                norm.scale.assign((norm.scale.numpy() + offset) / scale - offset)
             else:
                 up = find_layer(smoothed, up_name).kernel
                 up.assign(up.numpy() / scale[np.newaxis, :])

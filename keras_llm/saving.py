@@ -60,11 +60,14 @@ def _h5_layer_classes(path):
     return classes
 
 
-def load_model(path, safe_mode=True, compile=False):  # pylint: disable=redefined-builtin
+def load_model(path, custom_objects=None, safe_mode=True,
+               compile=False):  # pylint: disable=redefined-builtin
     """Load a `.keras` or `.h5` model file.
 
     Args:
         path: the file.
+        custom_objects: `{name: class}` of the user's own layers (not needed
+            for classes registered with `register_keras_serializable`).
         safe_mode: refuse files that would run code carried inside them
             (`Lambda` layers). Pass False only for files you trust.
         compile: restore the training configuration too.
@@ -94,7 +97,8 @@ def load_model(path, safe_mode=True, compile=False):  # pylint: disable=redefine
                 "load; refusing in safe mode. Load it with safe_mode=False "
                 "(--unsafe on the command line) only if you trust the file.")
     try:
-        with serialization_lib.SafeModeScope(safe_mode):
+        with serialization_lib.SafeModeScope(safe_mode), \
+                keras.saving.custom_object_scope(dict(custom_objects or {})):
             if path.endswith(".keras") and not compile:
                 return _load_keras_archive(path, safe_mode)
             return keras.models.load_model(path, compile=compile, safe_mode=safe_mode)

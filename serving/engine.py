@@ -18,7 +18,8 @@ import threading
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.engine import (Engine, EngineConfig as RuntimeConfig, EngineError,
                                       EngineStopped, InvalidRequest, QueueFull)
-from keras_llm.runtime.tokenizer import HostTokenizer
+from keras_llm.runtime.tokenizer import TOKENIZER_FILE
+from keras_llm.runtime.user_tokenizer import load_tokenizer
 
 LOG = logging.getLogger("keras_llm.serving.engine")
 
@@ -68,7 +69,9 @@ class ExportedModel:
             on first use when the engine decodes with LiteRT, so a server
             that only generates never holds the TensorFlow copy of the weights.
         metadata: `assets/keras_llm.json`.
-        tokenizer: a `HostTokenizer` from the export's assets.
+        tokenizer: a `HostTokenizer` (or, for a user's model, a
+            `TokenizerAdapter`) from the export's assets; None for an export
+            without one (ids only).
         engine: the runtime `Engine`, started.
     """
 
@@ -83,7 +86,8 @@ class ExportedModel:
         self.export_dir = export_dir
         with open(os.path.join(export_dir, artifacts.EXPORT_METADATA), encoding="utf-8") as handle:
             self.metadata = json.load(handle)
-        self.tokenizer = HostTokenizer.load(os.path.join(export_dir, "assets"))
+        tokenizer_path = os.path.join(export_dir, "assets", TOKENIZER_FILE)
+        self.tokenizer = load_tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
         self._module = None
         self._module_lock = threading.Lock()
         model = self.metadata["config"]
@@ -92,8 +96,11 @@ class ExportedModel:
         itemsize = 2 if self.metadata.get("dtype") in ("bfloat16", "float16") else 4
         max_length = min(config.max_length, self.context_length,
                          backend.capabilities.max_length)
-        self.bytes_per_slot = int(2 * model["num_layers"] * model["num_key_value_heads"]
-                                  * model["head_dim"] * max_length * itemsize)
+        if self.metadata.get("backend") == "recompute":  # no KV cache: the tokens on the host
+            self.bytes_per_slot = 4 * max_length
+        else:
+            self.bytes_per_slot = int(2 * model["num_layers"] * model["num_key_value_heads"]
+                                      * model["head_dim"] * max_length * itemsize)
         slots = min(config.max_slots, backend.capabilities.max_slots)
         if config.memory_budget_bytes:
             slots = min(slots, config.memory_budget_bytes // self.bytes_per_slot)
@@ -113,6 +120,13 @@ class ExportedModel:
         self.engine.start()
 
     def _backend(self, model):
+        if self.metadata.get("backend") == "recompute":  # a user's model: its own forward pass
+            from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
+            return RecomputeBackend(self.module.recompute, model["vocabulary_size"],
+                                    self.context_length, max_slots=self.config.max_slots,
+                                    length_bucket=model["length_bucket"],
+                                    fixed_length=model.get("fixed_length"),
+                                    dtype=self.metadata.get("dtype") or "float32")
         files = artifacts.export_litert_files(self.export_dir, self.metadata)
         choice = self.config.backend
         if choice == "litert" and not files:
@@ -151,6 +165,8 @@ class ExportedModel:
         `chat`), or of the conversation `messages` (a list of role/content
         dicts) rendered by the chat template. Raises ValueError for bad
         messages."""
+        if self.tokenizer is None:
+            raise InvalidRequest("this model was exported without a tokenizer: send token ids")
         if messages is not None:
             if text is not None:
                 raise ValueError("give text or messages, not both")

@@ -16,10 +16,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2():
-    """The embedded SmolLM2 as a LanguageModel (imported once, then cached)."""
-    return keras_llm.load("smollm2", progress=False)
+    """The embedded SmolLM2 as a LanguageModel (imported once, then cached on
+    disk). Module-scoped and stopped after, so its weights (several GB) do not
+    stay resident for the rest of the suite."""
+    lm = keras_llm.load("smollm2", progress=False)
+    yield lm
+    if lm._engine is not None:  # pylint: disable=protected-access
+        lm.engine.stop(timeout=60)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """Give back what a test module freed (Keras graphs, engines, servers),
+    so the suite's resident memory does not pile up on a small CI machine."""
+    yield
+    import ctypes
+    import gc
+
+    import tf_keras
+
+    tf_keras.backend.clear_session()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @pytest.fixture(scope="session")

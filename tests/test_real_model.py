@@ -154,3 +154,35 @@ def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
             assert got == want[:len(got)] and len(got) > 0
     finally:
         server.drain(0)
+
+
+def test_chat_prompt_ids_are_the_gguf_template_rendered_by_jinja(smollm2):
+    """`--chat` ids equal the GGUF's own template rendered by plain Jinja (as
+    transformers renders it), default system message included."""
+    import gguf
+    import jinja2.sandbox
+
+    from keras_llm import presets
+
+    reader = gguf.GGUFReader(presets.preset_checkpoint("smollm2"))
+    field = reader.fields["tokenizer.chat_template"]
+    source = bytes(field.parts[field.data[0]]).decode("utf-8")
+    template = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True).from_string(source)
+    one_turn = [{"role": "user", "content": "What is the capital of France?"}]
+    several = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "Hello! How can I help?"},
+               {"role": "user", "content": "Name a colour."}]
+    for messages in (one_turn, several, several[1:]):
+        text = template.render(messages=messages, add_generation_prompt=True)
+        assert smollm2.encode(messages, chat=True) == smollm2.host_tokenizer.encode(text)
+    default = template.render(messages=one_turn, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in default
+    assert smollm2.encode("What is the capital of France?", chat=True) == \
+        smollm2.host_tokenizer.encode(default)
+    # The CLI's --system "" gives an empty system turn, not the default one.
+    empty = template.render(messages=[{"role": "system", "content": ""}] + one_turn,
+                            add_generation_prompt=True)
+    assert smollm2.encode(one_turn[0]["content"], chat=True, system="") == \
+        smollm2.host_tokenizer.encode(empty)

@@ -27,6 +27,7 @@ class CachedAttention(keras.layers.Layer):
         rope_theta: RoPE base.
         layer_index: which cache entry this layer owns.
         max_sequence_length: longest sequence (prompt plus generation).
+        rope_scaling: None, or Llama 3.1's RoPE rescaling (see `apply_rotary`).
 
     Example:
         >>> att = CachedAttention(4, 2, 8, 10000.0, layer_index=0)
@@ -35,7 +36,7 @@ class CachedAttention(keras.layers.Layer):
 
     def __init__(self, num_query_heads, num_key_value_heads, head_dim,
                  rope_theta=10000.0, layer_index=0, max_sequence_length=2048,
-                 **kwargs):
+                 rope_scaling=None, **kwargs):
         super().__init__(**kwargs)
         if num_query_heads % num_key_value_heads:
             raise ValueError("num_query_heads must be a multiple of num_key_value_heads")
@@ -45,6 +46,7 @@ class CachedAttention(keras.layers.Layer):
         self.rope_theta = float(rope_theta)
         self.layer_index = int(layer_index)
         self.max_sequence_length = int(max_sequence_length)
+        self.rope_scaling = None if not rope_scaling else dict(rope_scaling)
 
     def call(self, inputs):
         query, key, value = inputs
@@ -60,8 +62,9 @@ class CachedAttention(keras.layers.Layer):
             positions = tf.range(length)[tf.newaxis, :]  # (1, T)
         else:
             positions = context.positions(length)  # (B, T)
-        query = apply_rotary(query, positions, self.rope_theta)
-        key = tf.cast(apply_rotary(key, positions, self.rope_theta), value.dtype)
+        query = apply_rotary(query, positions, self.rope_theta, self.rope_scaling)
+        key = tf.cast(apply_rotary(key, positions, self.rope_theta, self.rope_scaling),
+                      value.dtype)
 
         key = tf.transpose(key, [0, 2, 1, 3])  # (B, KV, T, D)
         value = tf.transpose(value, [0, 2, 1, 3])
@@ -112,8 +115,9 @@ class CachedAttention(keras.layers.Layer):
         return query_shape[:-1].concatenate([self.num_query_heads * self.head_dim])
 
     def get_config(self):
+        extra = {"rope_scaling": dict(self.rope_scaling)} if self.rope_scaling else {}
         return {
-            **super().get_config(),
+            **super().get_config(), **extra,
             "num_query_heads": self.num_query_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,

@@ -15,6 +15,8 @@ class TokenEmbedding(keras.layers.Embedding):
     Args:
         input_dim: vocabulary size.
         output_dim: embedding width.
+        scale: factor on looked-up embeddings (Gemma: `sqrt(output_dim)`),
+            or None; the reverse (output head) product is never scaled.
         **kwargs: passed on to `keras.layers.Embedding`.
 
     Example:
@@ -22,9 +24,16 @@ class TokenEmbedding(keras.layers.Embedding):
         >>> logits = emb(emb(tf.constant([[1, 2]])), reverse=True)  # (1, 2, 100)
     """
 
+    def __init__(self, input_dim, output_dim, scale=None, **kwargs):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self.scale = None if scale is None else float(scale)
+
     def call(self, inputs, reverse=False):
         if not reverse:
-            return super().call(inputs)
+            embedded = super().call(inputs)
+            if self.scale is None:
+                return embedded
+            return embedded * tf.cast(self.scale, embedded.dtype)
         hidden = tf.cast(inputs, tf.float32)
         table = tf.cast(self.embeddings, tf.float32)
         batch, length = tf.shape(hidden)[0], tf.shape(hidden)[1]
@@ -34,3 +43,9 @@ class TokenEmbedding(keras.layers.Embedding):
 
     def compute_output_shape(self, input_shape):
         return super().compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.scale is not None:  # absent for unscaled tables, as before
+            config["scale"] = self.scale
+        return config

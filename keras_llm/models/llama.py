@@ -1,16 +1,26 @@
 """A Llama-family decoder as a Functional tf_keras model.
 
-Every projection is a plain `Dense` (no bias) and the token table a
-`TokenEmbedding` (an `Embedding`), so TF-MOT's registries find them; the
+Every projection is a plain `Dense` (a bias only on query/key/value, and
+only with `attention_bias`) and the token table a `TokenEmbedding` (an
+`Embedding`), so TF-MOT's registries find them; the
 layers of our own (`RMSNorm`, `CachedAttention`, `LogitPositions`) are small
 and own no matmul weights. Layer names follow one scheme, `layer_{i}_query`,
 `layer_{i}_mlp_gate`, ..., which weight import and export rely on.
+
+The Llama-family variants keras-llm imports are options of the one builder
+(see `LlamaConfig`): Qwen2's q/k/v bias, Gemma's scaled embedding, `1 + w`
+norms and GeGLU, Llama 3.1's rescaled RoPE. Mistral and Phi-3 need none
+(Phi-3's fused projections are split at import, `keras_llm.hf_import`).
 """
 
 import tf_keras as keras
 
 from keras_llm.config import LlamaConfig
 from keras_llm.layers import CachedAttention, LogitPositions, RMSNorm, TokenEmbedding
+from keras_llm.layers.activations import ACTIVATION_FUNCTIONS, gelu_tanh
+
+# Name of the gate's activation layer of block `i` for each `mlp_activation`.
+_ACTIVATION_LAYERS = {"silu": "mlp_silu", "gelu_tanh": "mlp_gelu"}
 
 # Names of the Dense layers of block `i`, formatted with `i`.
 PROJECTIONS = ("query", "key", "value", "attention_output",
@@ -34,35 +44,41 @@ def build_llama(config, name="llama", dtype=None):
     """
     c = config
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    embedding = TokenEmbedding(c.vocabulary_size, c.hidden_dim, dtype=dtype,
-                               name="token_embedding")
+    embedding = TokenEmbedding(c.vocabulary_size, c.hidden_dim, scale=c.embedding_scale,
+                               dtype=dtype, name="token_embedding")
     x = embedding(token_ids)  # (B, T, H)
 
-    def dense(units, layer_name):
-        return keras.layers.Dense(units, use_bias=False, dtype=dtype, name=layer_name)
+    def dense(units, layer_name, use_bias=False):
+        return keras.layers.Dense(units, use_bias=use_bias, dtype=dtype, name=layer_name)
+
+    def norm(layer_name):
+        return RMSNorm(c.rms_norm_epsilon, weight_offset=c.norm_weight_offset, dtype=dtype,
+                       name=layer_name)
 
     for i in range(c.num_layers):
         p = f"layer_{i}_"
-        h = RMSNorm(c.rms_norm_epsilon, dtype=dtype, name=p + "attention_norm")(x)
-        q = dense(c.num_query_heads * c.head_dim, p + "query")(h)
-        k = dense(c.num_key_value_heads * c.head_dim, p + "key")(h)
-        v = dense(c.num_key_value_heads * c.head_dim, p + "value")(h)
+        h = norm(p + "attention_norm")(x)
+        q = dense(c.num_query_heads * c.head_dim, p + "query", c.attention_bias)(h)
+        k = dense(c.num_key_value_heads * c.head_dim, p + "key", c.attention_bias)(h)
+        v = dense(c.num_key_value_heads * c.head_dim, p + "value", c.attention_bias)(h)
         a = CachedAttention(c.num_query_heads, c.num_key_value_heads, c.head_dim,
                             rope_theta=c.rope_theta, layer_index=i,
-                            max_sequence_length=c.context_length, dtype=dtype,
+                            max_sequence_length=c.context_length,
+                            rope_scaling=c.rope_scaling, dtype=dtype,
                             name=p + "attention")([q, k, v])
         a = dense(c.hidden_dim, p + "attention_output")(a)
         x = keras.layers.Add(dtype=dtype, name=p + "attention_residual")([x, a])
 
-        h = RMSNorm(c.rms_norm_epsilon, dtype=dtype, name=p + "mlp_norm")(x)
+        h = norm(p + "mlp_norm")(x)
         gate = dense(c.intermediate_dim, p + "mlp_gate")(h)
         up = dense(c.intermediate_dim, p + "mlp_up")(h)
-        gate = keras.layers.Activation("silu", dtype=dtype, name=p + "mlp_silu")(gate)
+        gate = keras.layers.Activation(ACTIVATION_FUNCTIONS[c.mlp_activation], dtype=dtype,
+                                       name=p + _ACTIVATION_LAYERS[c.mlp_activation])(gate)
         m = keras.layers.Multiply(dtype=dtype, name=p + "mlp_multiply")([gate, up])
         m = dense(c.hidden_dim, p + "mlp_down")(m)
         x = keras.layers.Add(dtype=dtype, name=p + "mlp_residual")([x, m])
 
-    x = RMSNorm(c.rms_norm_epsilon, dtype=dtype, name="final_norm")(x)
+    x = norm("final_norm")(x)
     x = LogitPositions(dtype=dtype, name="logit_positions")(x)
     if c.tie_word_embeddings:
         logits = embedding(x, reverse=True)
@@ -104,6 +120,8 @@ def config_from_model(model):
     first = attention[0]
     norm = find_layer(model, "final_norm")
     tied = not any(l.name == "lm_head" for l in layers)
+    activation = next(l for l in layers if isinstance(l, keras.layers.Activation)
+                      and l.name.startswith("layer_0_mlp_"))
     return LlamaConfig(
         vocabulary_size=embeddings[0].input_dim,
         hidden_dim=embeddings[0].output_dim,
@@ -116,4 +134,9 @@ def config_from_model(model):
         rms_norm_epsilon=norm.epsilon,
         context_length=first.max_sequence_length,
         tie_word_embeddings=tied,
+        attention_bias=bool(getattr(find_layer(model, "layer_0_query"), "use_bias", False)),
+        mlp_activation="gelu_tanh" if activation.activation is gelu_tanh else "silu",
+        norm_weight_offset=norm.weight_offset,
+        embedding_scale=embeddings[0].scale,
+        rope_scaling=first.rope_scaling,
     )

@@ -78,6 +78,10 @@ def quantize_model(model, kinds=None):
     `Generator` work on it. Returns an uncompiled model; `model` is not
     modified.
     """
+    biased = [layer.name for layer in projection_layers(model, kinds) if layer.use_bias]
+    if biased:  # QuantizedDense has no bias: refuse rather than drop it
+        raise ValueError(f"quantize_model supports bias-free projections only; "
+                         f"{biased[:3]} have a bias (attention_bias models such as Qwen2)")
     quantized = quantize_weights(model, kinds)
 
     def replace(fresh, original):

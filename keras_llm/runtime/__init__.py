@@ -7,9 +7,11 @@
     backend.py    the contract backends implement
     litert.py     LiteRT/XNNPACK backend (CPU default; no TensorFlow import)
     xla.py        XLA backend (GPU/TPU, and the fallback)
+    recompute.py  generic backend: any causal Keras LM, full sequence per step
     tokenizer.py  the host tokenizer (Hugging Face `tokenizers`)
+    user_tokenizer.py  any tokenizer (encode/decode) seen as a host tokenizer
     artifacts.py  where compiled files live and when they are rebuilt
 
-Nothing imported here loads TensorFlow except `xla` (and the converter
+Nothing imported here loads TensorFlow except `xla`, `recompute` (and the converter
 `artifacts.build_litert` calls).
 """

@@ -24,7 +24,7 @@ class Capabilities:
     """What a backend supports.
 
     Attributes:
-        name: "litert" or "xla".
+        name: "litert", "xla" or "recompute".
         max_slots: most sequences one step can hold.
         max_length: cache positions per sequence (prompt plus new tokens).
         vocabulary_size: logits per row.
@@ -38,6 +38,16 @@ class Capabilities:
     vocabulary_size: int
     dtype: str = "float32"
     row_counts: tuple = ()
+
+
+def row_counts(num_slots):
+    """The step sizes a backend with `num_slots` slots compiles: powers of two
+    below it, then `num_slots` itself."""
+    counts, rows = [], 1
+    while rows < num_slots:
+        counts.append(rows)
+        rows *= 2
+    return tuple(counts + [num_slots])
 
 
 class Backend:

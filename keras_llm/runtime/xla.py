@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_llm.layers import KVCacheContext
 from keras_llm.models import config_from_model, find_layer
-from keras_llm.runtime.backend import Backend, Capabilities
+from keras_llm.runtime.backend import Backend, Capabilities, row_counts
 
 
 class SlotCacheContext(KVCacheContext):
@@ -193,11 +193,7 @@ class XLABackend(Backend):
         self.num_slots, self.max_length = num_slots, max_length
         self._position = np.zeros([num_slots], np.int32)
         self._key_start = np.zeros([num_slots], np.int32)
-        counts, rows = [], 1
-        while rows < num_slots:
-            counts.append(rows)
-            rows *= 2
-        self.capabilities.row_counts = tuple(counts + [num_slots])
+        self.capabilities.row_counts = row_counts(num_slots)
         return num_slots, max_length
 
     def prompt_positions(self, length, reserve=0):

@@ -1,0 +1,339 @@
+"""The generic backend: any causal Keras LM, the whole sequence every step.
+
+`RecomputeBackend` runs a model that maps token ids `(B, T)` to logits
+`(B, T, V)` (a user's own mini GPT, a hand-written Llama, anything causal)
+without a KV cache: each slot's tokens stay on the host, and every step runs
+all active rows' full sequences in one call, right-padded to a length bucket
+and a batch bucket, and reads the logits at each row's last real position.
+One compiled program per (batch bucket, length bucket), so the number of
+compilations is small and known. Causality is what makes right padding
+harmless; a one-time probe checks it before the backend is used.
+
+Example:
+    >>> backend = RecomputeBackend.from_model(model)
+    >>> engine = Engine(backend, tokenizer)
+"""
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from keras_llm.runtime.backend import Backend, Capabilities, row_counts
+
+LOG = logging.getLogger("keras_llm.runtime.recompute")
+
+DEFAULT_MAX_POSITIONS = 2048
+_XLA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+               tf.errors.InternalError, tf.errors.UnknownError)
+
+
+class RecomputeFunctions(tf.Module):
+    """The one compiled forward pass the recompute path runs.
+
+    `last_logits(token_ids (B, T) int32, last (B,) int32)` runs the model on
+    the whole batch and returns `(greedy (B,) int32, float32 logits (B, V))`
+    at position `last[b]` of each row. A SavedModel written for such a model
+    carries this module as its `recompute` attribute, so the server and the
+    export's `generate_ids` loop run the same function.
+
+    When the model's last layer is a `Dense` (a per-position head), it runs
+    only on the rows' last positions: the body gives hidden states `(B, T, H)`
+    and the head `(B, V)`, the same numbers with a fraction of the work.
+
+    Args:
+        model: a causal Keras LM, `(B, T) -> (B, T, V)`.
+        jit_compile: compile with XLA.
+        any_length: call the model on lengths other than its fixed input
+            length (checked by `runs_shorter`: it computes the same thing).
+    """
+
+    def __init__(self, model, jit_compile=True, any_length=False):
+        super().__init__(name="recompute")
+        self.model = model
+        self.any_length = bool(any_length)
+        self.body, self.head = _split_head(model)
+        self.jit_compile = bool(jit_compile)
+        self.last_logits = self._function()
+
+    def _function(self):
+        return tf.function(
+            self._last_logits, jit_compile=self.jit_compile,
+            input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                             tf.TensorSpec([None], tf.int32, name="last")])
+
+    def use_xla(self, enabled):
+        """Rebuild `last_logits` with or without XLA."""
+        self.jit_compile = bool(enabled)
+        self.last_logits = self._function()
+
+    def _last_logits(self, token_ids, last):
+        if self.head is None:
+            logits = _call(self.model, token_ids, self.any_length)  # (B, T, V)
+            logits = tf.gather(logits, last, batch_dims=1)  # (B, V)
+        else:
+            hidden = _call(self.body, token_ids, self.any_length)  # (B, T, H)
+            hidden = tf.gather(hidden, last, batch_dims=1)[:, tf.newaxis, :]  # (B, 1, H)
+            logits = self.head(hidden)[:, 0, :]  # (B, V)
+        logits = tf.cast(logits, tf.float32)
+        return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
+
+
+def _call(model, token_ids, any_length):
+    """`model(token_ids)`; with `any_length`, past the input-shape check
+    (`Model.call` runs the same layers without it)."""
+    if any_length:
+        return model.call(token_ids, training=False)
+    return model(token_ids, training=False)
+
+
+def _split_head(model):
+    """`(body, head)` of a Functional model whose output is a `Dense` layer's
+    (body: the same layers up to the head's input), else `(None, None)`."""
+    layers = getattr(model, "layers", None)
+    outputs = getattr(model, "outputs", None)
+    if not layers or not outputs or len(outputs) != 1 or not getattr(model, "inputs", None):
+        return None, None
+    head = layers[-1]
+    if type(head) is not tf.keras.layers.Dense:  # pylint: disable=unidiomatic-typecheck
+        return None, None
+    try:
+        if head.output is not outputs[0] or head.input.shape.rank != 3:
+            return None, None
+        return tf.keras.Model(model.inputs, head.input, name=f"{model.name}_body"), head
+    except (AttributeError, ValueError):  # a head shared between several calls
+        return None, None
+
+
+def _tolerance(model, reference):
+    """Allowed logit change at earlier positions: float32 round-off, or
+    16-bit round-off for a mixed-precision model."""
+    sixteen = str(getattr(model, "compute_dtype", "float32")) in ("float16", "bfloat16")
+    return (1e-2 if sixteen else 1e-4) * max(1.0, float(np.max(np.abs(reference))))
+
+
+def probe_model(model, length, vocabulary_size=None, seed=0):
+    """Check once, with fixed random ids, that `model` is a causal LM.
+
+    Args:
+        model: the Keras model.
+        length: the probe's sequence length (the model's fixed input length
+            when it has one).
+        vocabulary_size: the expected last dimension (None: whatever comes).
+        seed: the ids' seed.
+
+    Returns:
+        The vocabulary size (the logits' last dimension).
+
+    Raises:
+        ValueError: the output is not `(B, T, V)` logits, or changing a later
+            token changes the logits at earlier positions (not causal).
+    """
+    rng = np.random.default_rng(seed)
+    high = vocabulary_size or 2
+    ids = rng.integers(0, high, size=(1, length)).astype(np.int32)
+    cut = max(length // 2, 1)
+    changed = ids.copy()
+    changed[:, cut:] = (ids[:, cut:] + 1 + rng.integers(0, max(high - 1, 1),
+                                                         size=(1, length - cut))) % high
+    try:
+        outputs = model(tf.constant(np.concatenate([ids, changed])), training=False)
+    except Exception as error:  # pylint: disable=broad-except
+        raise ValueError(f"model {model.name!r} does not run on token ids of shape "
+                         f"(2, {length}): {type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                         ) from None
+    if isinstance(outputs, (list, tuple, dict)):
+        raise ValueError(f"model {model.name!r} returns {type(outputs).__name__}; a causal LM "
+                         "returns one logits tensor (batch, time, vocabulary)")
+    logits = np.asarray(tf.cast(outputs, tf.float32))
+    if logits.ndim != 3 or logits.shape[:2] != (2, length):
+        raise ValueError(f"model {model.name!r} maps token ids (2, {length}) to shape "
+                         f"{tuple(logits.shape)}; a causal LM returns logits "
+                         "(batch, time, vocabulary)")
+    if vocabulary_size is not None and logits.shape[-1] != vocabulary_size:
+        raise ValueError(f"model {model.name!r} returns {logits.shape[-1]} logits per position, "
+                         f"expected the vocabulary size {vocabulary_size}")
+    if vocabulary_size is None:
+        return probe_model(model, length, logits.shape[-1], seed)
+    change = float(np.max(np.abs(logits[0, :cut] - logits[1, :cut])))
+    if change > _tolerance(model, logits[0, :cut]):
+        raise ValueError(
+            f"model {model.name!r} is not causal: changing the tokens from position {cut} on "
+            f"changed the logits at earlier positions (by up to {change:.3g}); generation needs "
+            "a causal LM (e.g. MultiHeadAttention called with use_causal_mask=True)")
+    return int(logits.shape[-1])
+
+
+def max_positions(model, vocabulary_size=None):
+    """The most positions `model` takes, or None when it says nothing.
+
+    A fixed time dimension of its input wins; else the largest input
+    dimension of an `Embedding` that is not the token embedding (its input
+    dimension differs from the vocabulary size): a learned position
+    embedding.
+    """
+    inputs = getattr(model, "inputs", None)
+    if inputs:
+        shape = inputs[0].shape
+        if shape.rank == 2 and shape[1] is not None:
+            return int(shape[1])
+    embeddings = [layer.input_dim for layer in model.submodules
+                  if isinstance(layer, tf.keras.layers.Embedding)
+                  and layer.input_dim != vocabulary_size]
+    return max(embeddings) if embeddings else None
+
+
+def runs_shorter(model, length, fixed, seed=0):
+    """Whether a model built for a `fixed` input length gives the same
+    logits on `length` tokens as on the first `length` of `fixed` (a
+    Functional model only warns about the shape; a causal one then computes
+    the same thing, with less work)."""
+    ids = np.random.default_rng(seed).integers(0, 2, size=(1, fixed)).astype(np.int32)
+    try:
+        full = np.asarray(tf.cast(model(tf.constant(ids), training=False), tf.float32))
+        short = np.asarray(tf.cast(_call(model, tf.constant(ids[:, :length]), True),
+                                   tf.float32))
+    except Exception:  # pylint: disable=broad-except
+        return False
+    return (short.shape == full[:, :length].shape
+            and float(np.max(np.abs(short - full[:, :length]))) <= _tolerance(model, full))
+
+
+def fixed_length(model):
+    """The model's fixed input length (its `Input` shape's time dimension), or None."""
+    inputs = getattr(model, "inputs", None)
+    if inputs and inputs[0].shape.rank == 2 and inputs[0].shape[1] is not None:
+        return int(inputs[0].shape[1])
+    return None
+
+
+def _round_up(value, multiple):
+    return (value + multiple - 1) // multiple * multiple
+
+
+class RecomputeBackend(Backend):
+    """The engine's backend for any causal Keras LM (no KV cache).
+
+    Args:
+        functions: a `RecomputeFunctions`, or the `recompute` attribute of a
+            loaded export (anything with `last_logits(token_ids, last)`).
+        vocabulary_size: logits per row.
+        max_length: most positions per sequence (the model's limit).
+        max_slots: most sequences one step runs.
+        length_bucket: sequences are right-padded to a multiple of this.
+        fixed_length: the model only takes this many positions (every call
+            is padded to it), or None.
+        dtype: the weights' dtype, for `capabilities`.
+    """
+
+    def __init__(self, functions, vocabulary_size, max_length, max_slots=16, length_bucket=32,
+                 fixed_length=None, dtype="float32"):  # pylint: disable=redefined-outer-name
+        self.functions = functions
+        self.length_bucket = int(length_bucket)
+        self.fixed_length = None if fixed_length is None else int(fixed_length)
+        self.capabilities = Capabilities("recompute", int(max_slots), int(max_length),
+                                         int(vocabulary_size), dtype)
+        self._xla_checked = not getattr(functions, "jit_compile", False)
+        self.allocate(1, max_length)
+
+    @classmethod
+    def from_model(cls, model, max_length=None, jit_compile=True, probe=True, **options):
+        """A backend over `model` after the causality probe.
+
+        Args:
+            model: a Keras model, token ids `(B, T)` -> logits `(B, T, V)`.
+            max_length: most positions per sequence: needed when the model
+                does not say (no fixed input length, no position embedding;
+                default then 2048); a model's own limit caps it.
+            jit_compile: compile with XLA (falls back to plain graphs, with a
+                log line, if XLA cannot compile the model).
+            probe: run the shape and causality check.
+            **options: `max_slots`, `length_bucket`.
+
+        Raises:
+            ValueError: the model is not a causal LM (see `probe_model`).
+        """
+        output_shape = getattr(model, "output_shape", None)
+        vocabulary = (output_shape[-1] if isinstance(output_shape, tuple) and output_shape
+                      and isinstance(output_shape[-1], int) else None)
+        limit = max_positions(model, vocabulary)
+        if limit is None:
+            limit = int(max_length or DEFAULT_MAX_POSITIONS)
+            if max_length is None:
+                LOG.info("model %r does not say how many positions it takes; using %d "
+                         "(pass max_length to change it)", model.name, limit)
+        elif max_length is not None:
+            limit = min(limit, int(max_length))
+        fixed = fixed_length(model)
+        any_length = False
+        if probe:
+            vocabulary = probe_model(model, fixed or min(8, limit), vocabulary)
+            if fixed and runs_shorter(model, min(8, fixed), fixed):
+                fixed, any_length = None, True  # run length buckets up to the fixed length
+        elif vocabulary is None:
+            raise ValueError(f"model {model.name!r}: the vocabulary size is unknown; probe it")
+        dtype = str(getattr(model, "compute_dtype", None) or "float32")
+        return cls(RecomputeFunctions(model, jit_compile=jit_compile, any_length=any_length),
+                   vocabulary, limit,
+                   fixed_length=fixed, dtype=dtype, **options)
+
+    def allocate(self, num_slots, max_length):
+        num_slots = max(1, min(int(num_slots), self.capabilities.max_slots))
+        max_length = min(int(max_length), self.capabilities.max_length)
+        self.num_slots, self.max_length = num_slots, max_length
+        self._tokens = np.zeros([num_slots, max_length], np.int32)  # each slot's sequence
+        self._lengths = np.zeros([num_slots], np.int32)
+        self.capabilities.row_counts = row_counts(num_slots)
+        return num_slots, max_length
+
+    def padded_length(self, length):
+        """The length bucket a sequence of `length` tokens runs in."""
+        if self.fixed_length is not None:
+            return self.fixed_length
+        return min(_round_up(length, self.length_bucket), self.max_length)
+
+    def prefill(self, token_ids, slot, reserve=0):
+        ids = np.asarray(token_ids, np.int32).reshape(-1)
+        if len(ids) + reserve > self.max_length:
+            raise ValueError(f"prompt of {len(ids)} tokens plus {reserve} new tokens exceeds the "
+                             f"model's limit of {self.max_length} positions")
+        self._tokens[slot] = 0
+        self._tokens[slot, :len(ids)] = ids
+        self._lengths[slot] = len(ids)
+        _, logits = self._run(np.array([slot]))
+        return logits[0]
+
+    def step(self, tokens, rows, need_logits=True):
+        rows = np.asarray(rows, np.int64)
+        if np.any(self._lengths[rows] >= self.max_length):
+            raise ValueError(f"a sequence reached the model's limit of {self.max_length} positions")
+        self._tokens[rows, self._lengths[rows]] = tokens
+        self._lengths[rows] += 1
+        greedy, logits = self._run(rows, need_logits)
+        return greedy, logits
+
+    def _run(self, rows, need_logits=True):
+        """One call over `rows`' full sequences -> (greedy (n,), logits (n, V))."""
+        count = next(c for c in self.capabilities.row_counts if c >= len(rows))
+        width = self.padded_length(int(self._lengths[rows].max()))
+        ids = np.zeros([count, width], np.int32)  # (B, T), right-padded
+        ids[:len(rows)] = self._tokens[rows, :width]
+        last = np.zeros([count], np.int32)
+        last[:len(rows)] = self._lengths[rows] - 1
+        greedy, logits = self._call(ids, last)
+        n = len(rows)
+        return greedy.numpy()[:n], (logits.numpy()[:n] if need_logits else None)
+
+    def _call(self, ids, last):
+        if self._xla_checked:
+            return self.functions.last_logits(tf.constant(ids), tf.constant(last))
+        try:
+            outputs = self.functions.last_logits(tf.constant(ids), tf.constant(last))
+        except _XLA_ERRORS as error:
+            LOG.warning("XLA cannot compile this model (%s); running it without XLA",
+                        str(error).strip().splitlines()[0] if str(error).strip() else error)
+            self.functions.use_xla(False)
+            outputs = self.functions.last_logits(tf.constant(ids), tf.constant(last))
+        self._xla_checked = True
+        return outputs

@@ -1,0 +1,264 @@
+"""A user's own Keras causal LM generates through the engine, the CLI, the
+export and the server, with exactly the tokens of the user's own
+`model.predict` greedy loop (models in `tests/user_layers.py`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+import tokenizers
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+import keras_llm
+from keras_llm import cli
+from keras_llm.export.saved_model import export_model
+from keras_llm.runtime.engine import InvalidRequest
+from keras_llm.runtime.recompute import RecomputeBackend
+from keras_llm.serving.engine import EngineConfig
+from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
+from keras_llm.serving.server import Server
+from tests import user_layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(REPO, "tests", "saved_model_runner.py")
+VOCAB = 128
+NEW = 32
+PROMPT = "w5 w17 w3 w99 w42 w7 w1 w8"
+MODELS = {  # name: (builder, seed, fixed input length of the reference loop)
+    "mini_gpt": (user_layers.mini_gpt, 1, 64),
+    "builtin_gpt": (user_layers.builtin_gpt, 2, None),
+    "small_llama": (user_layers.small_llama, 3, None),
+}
+DEADLINE = 120
+
+
+def word_level_tokenizer(path):
+    """A WordLevel `tokenizer.json` (Hugging Face) with one word per model id."""
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Each model saved as .keras (builtin_gpt also as .h5), its reference
+    tokens, and the tokenizer file."""
+    root = tmp_path_factory.mktemp("user_models")
+    tokenizer = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"  # not beside the models
+    prompt = word_level_tokenizer(tokenizer).encode(PROMPT).ids
+    out = {"tokenizer": str(tokenizer), "prompt": prompt, "models": {}}
+    for name, (build, seed, pad_to) in MODELS.items():
+        model = build(vocab_size=VOCAB, seed=seed)
+        path = str(root / f"{name}.keras")
+        model.save(path)
+        if name == "builtin_gpt":
+            model.save(str(root / f"{name}.h5"))
+        out["models"][name] = {"path": path,
+                               "reference": user_layers.greedy_predict(model, prompt, NEW, pad_to)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(files, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exports")
+    paths = {}
+    for name, entry in files["models"].items():
+        lm = keras_llm.load(entry["path"], tokenizer=files["tokenizer"])
+        paths[name] = export_model(lm, base, name, max_new_tokens=NEW, progress=False)
+    return base, paths
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_language_model_gives_the_predict_loop_tokens(files, name):
+    entry = files["models"][name]
+    lm = keras_llm.load(entry["path"])  # no tokenizer beside it: ids only
+    assert lm.host_tokenizer is None and lm.generic
+    [completion] = lm.generate_ids([files["prompt"]], max_new_tokens=NEW)
+    assert completion.token_ids == entry["reference"]
+    assert lm.engine.backend.capabilities.name == "recompute"
+    streamed = [ids for item in lm.stream(files["prompt"], max_new_tokens=NEW)
+                if isinstance(item, tuple) for ids in item[1]]
+    assert streamed == entry["reference"]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        lm.generate("w1 w2")
+
+
+def test_h5_file_and_any_tokenizer_object(files):
+    entry = files["models"]["builtin_gpt"]
+    h5 = entry["path"][:-len(".keras")] + ".h5"
+    tok = tokenizers.Tokenizer.from_file(files["tokenizer"])
+    lm = keras_llm.load(h5, tokenizer=tok)
+    completion = lm.generate(PROMPT, max_new_tokens=NEW)
+    assert completion.token_ids == entry["reference"]
+    assert completion.text == tok.decode(entry["reference"])
+    deltas = [item[0] for item in lm.stream(PROMPT, max_new_tokens=NEW) if isinstance(item, tuple)]
+    assert "".join(deltas) == completion.text
+
+
+def test_load_model_with_custom_objects(files):
+    model = keras_llm.load_model(files["models"]["mini_gpt"]["path"],
+                                 custom_objects=user_layers.custom_objects)
+    assert model.output_shape == (None, 64, VOCAB)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cli_generate(files, name, capsys):
+    code = cli.main(["generate", "--model", files["models"][name]["path"], "--custom-objects",
+                     "tests.user_layers", "--tokenizer", files["tokenizer"], "--prompt", PROMPT,
+                     "--max-new-tokens", str(NEW), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["prompt_token_ids"] == files["prompt"]
+    assert record["token_ids"] == files["models"][name]["reference"]
+
+
+def test_cli_generate_in_a_subprocess_with_a_custom_objects_file(files):
+    """The console path: the user's layers come from a .py file given by path."""
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_llm.cli", "generate", "--model",
+         files["models"]["mini_gpt"]["path"], "--custom-objects",
+         os.path.join(REPO, "tests", "user_layers.py"), "--tokenizer", files["tokenizer"],
+         "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--json"],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(files["tokenizer"]),
+        env={**os.environ, "PYTHONPATH": REPO}, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["token_ids"] == files["models"]["mini_gpt"]["reference"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_generate_ids_without_keras_llm(files, exports, name):
+    _, paths = exports
+    prompt = files["prompt"]
+    inputs = {"token_ids": [prompt], "num_tokens": [len(prompt)], "max_new_tokens": [NEW],
+              "temperature": [0.0], "top_p": [1.0], "top_k": [0], "seed": [0]}
+    result = subprocess.run([sys.executable, RUNNER, paths[name], "generate_ids",
+                             json.dumps(inputs)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outputs["imported_modules"] == []
+    assert outputs["num_tokens"] == [NEW]
+    assert outputs["token_ids"][0] == files["models"][name]["reference"]
+
+
+def test_export_score_and_metadata(files, exports):
+    _, paths = exports
+    loaded = tf.saved_model.load(paths["small_llama"])
+    assert set(loaded.signatures) == {"generate_ids", "score"}  # no in-graph tokenizer
+    ids = files["prompt"] + files["models"]["small_llama"]["reference"][:4]
+    scores = loaded.signatures["score"](token_ids=tf.constant([ids]),
+                                        num_tokens=tf.constant([len(ids)]))
+    model = keras_llm.load_model(files["models"]["small_llama"]["path"])
+    logits = model(np.array([ids]))[0].numpy()
+    expected = tf.nn.log_softmax(logits[:-1]).numpy()[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(scores["log_probs"].numpy()[0, 1:], expected, atol=1e-4)
+    with open(os.path.join(paths["small_llama"], "assets", "keras_llm.json"),
+              encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    assert metadata["backend"] == "recompute" and metadata["signatures"] == ["generate_ids",
+                                                                              "score"]
+
+
+def test_failed_export_leaves_nothing(files, tmp_path):
+    lm = keras_llm.load(files["models"]["mini_gpt"]["path"])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        export_model(lm, tmp_path, "too_long", max_new_tokens=64, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_serve_answers_generate_and_predict_with_ids(files, exports):
+    base, _ = exports
+    config = EngineConfig(max_slots=4, max_queue=8, max_length=128)
+    server = Server({name: str(base / name) for name in MODELS}, port=0, engine_config=config,
+                    poll_seconds=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        generation = generation_pb2_grpc.GenerationStub(channel)
+        prediction = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        prompt = files["prompt"]
+        tok = tokenizers.Tokenizer.from_file(files["tokenizer"])
+        for name in MODELS:
+            reference = files["models"][name]["reference"]
+            request = generation_pb2.GenerateRequest(
+                model_name=name, sampling=generation_pb2.SamplingOptions(max_new_tokens=NEW))
+            request.ids.ids.extend(prompt)
+            summary = [r.summary for r in generation.Generate(request, timeout=DEADLINE)
+                       if r.HasField("summary")][0]
+            assert list(summary.token_ids) == reference
+            text = generation_pb2.GenerateRequest(
+                model_name=name, text=PROMPT,
+                sampling=generation_pb2.SamplingOptions(max_new_tokens=NEW))
+            summary = [r.summary for r in generation.Generate(text, timeout=DEADLINE)
+                       if r.HasField("summary")][0]
+            assert list(summary.token_ids) == reference
+            assert summary.text == tok.decode(reference)
+            predict = predict_pb2.PredictRequest()
+            predict.model_spec.name, predict.model_spec.signature_name = name, "generate_ids"
+            values = {"token_ids": np.array([prompt], np.int32),
+                      "num_tokens": np.array([len(prompt)], np.int32),
+                      "max_new_tokens": np.array([NEW], np.int32),
+                      "temperature": np.zeros([1], np.float32), "top_p": np.ones([1], np.float32),
+                      "top_k": np.zeros([1], np.int32), "seed": np.zeros([1], np.int32)}
+            for key, value in values.items():
+                predict.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            response = prediction.Predict(predict, timeout=DEADLINE)
+            assert tf.make_ndarray(response.outputs["token_ids"])[0].tolist() == reference
+    finally:
+        channel.close()
+        server.drain(0)
+
+
+def test_non_causal_model_is_refused():
+    model = user_layers.builtin_gpt(vocab_size=VOCAB, causal=False)
+    with pytest.raises(ValueError, match="not causal"):
+        RecomputeBackend.from_model(model)
+
+
+def test_wrong_output_shape_is_refused():
+    inputs = keras.layers.Input(shape=(None,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(VOCAB, 8)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(VOCAB)(pooled))
+    with pytest.raises(ValueError, match=r"\(batch, time, vocabulary\)"):
+        keras_llm.LanguageModel(model).generate_ids([[1, 2]], max_new_tokens=2)
+
+
+def test_prompt_past_max_positions_is_refused(files):
+    lm = keras_llm.load(files["models"]["builtin_gpt"]["path"])  # positions: Embedding(64)
+    assert lm.engine.max_length == 64
+    with pytest.raises(InvalidRequest, match="limit of 64 positions"):
+        lm.generate_ids([list(range(1, 60))], max_new_tokens=8)
+    lm = keras_llm.LanguageModel(keras_llm.load_model(files["models"]["small_llama"]["path"]),
+                                 max_positions=48)
+    assert lm.engine.backend.capabilities.max_length == 48
+    with pytest.raises(InvalidRequest, match="limit of 48 positions"):
+        lm.generate_ids([list(range(1, 40))], max_new_tokens=16)
+
+
+def test_adapter_streams_multi_byte_characters_whole():
+    """A byte-level BPE without merges splits each non-ASCII character over
+    several tokens: streamed deltas never show half a character."""
+    from keras_llm.runtime.tokenizer import bytes_to_unicode
+    from keras_llm.runtime.user_tokenizer import TokenizerAdapter
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode())}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    adapter = TokenizerAdapter(tok)
+    text = "héllo wörld 日本 🙂"
+    ids = adapter.encode(text)
+    assert len(ids) == len(text.encode("utf-8"))
+    decoder = adapter.stream_decoder()
+    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert adapter.vocabulary_size == 256 and adapter.stop_ids == []
