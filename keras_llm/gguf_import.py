@@ -143,7 +143,7 @@ def load_gguf(path, context_length=None, progress=True):
     Returns:
         `(model, tokenizer, metadata)`.
     """
-    from keras_llm.models import build_llama  # pylint: disable=import-outside-toplevel
+    from keras_llm.models import assign_weights, build_llama  # pylint: disable=import-outside-toplevel
     from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
 
     reader = _open(path)
@@ -152,17 +152,7 @@ def load_gguf(path, context_length=None, progress=True):
     weights, types = read_weights(reader, config, bar)
     bar.close()
     model = build_llama(config, name=_model_name(reader))
-    expected = {layer.name for layer in model.layers if layer.weights}
-    missing = expected - set(weights)
-    if missing:
-        raise GGUFError(f"{path} lacks tensors for layers: {sorted(missing)[:5]}")
-    for name, arrays in weights.items():
-        layer = model.get_layer(name)
-        shapes = [tuple(w.shape) for w in layer.weights]
-        if shapes != [a.shape for a in arrays]:
-            raise GGUFError(f"tensor for {name} has shape {[a.shape for a in arrays]}, "
-                            f"the model expects {shapes}")
-        layer.set_weights(arrays)
+    assign_weights(model, weights, path, GGUFError)
     tokenizer = BytePairTokenizer.from_gguf(reader)
     counts = {}
     for kind in types.values():

@@ -314,28 +314,6 @@ def keras_weights(tensors, config):
             for layer, found in parts.items()}
 
 
-def _set_weights(model, weights, directory):
-    """Assign every layer's arrays, checking names and shapes first (so a
-    failure leaves no half-assigned model behind for the caller)."""
-    expected = {layer.name: [tuple(w.shape) for w in layer.weights]
-                for layer in model.layers if layer.weights}
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise HFImportError(f"{directory} lacks weights for layers {missing[:5]}"
-                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        raise HFImportError(f"{directory} has weights for layers the config does not have: "
-                            f"{unknown[:5]}")
-    for name, arrays in weights.items():
-        shapes = [a.shape for a in arrays]
-        if shapes != expected[name]:
-            raise HFImportError(f"weights for {name} have shapes {shapes}, the model "
-                                f"(from config.json) expects {expected[name]}")
-    for name, arrays in weights.items():
-        model.get_layer(name).set_weights(arrays)
-
-
 # ----- tokenizer -----------------------------------------------------------
 
 
@@ -468,7 +446,7 @@ def load_hf(directory, context_length=None, progress=True):
         HFImportError: not a checkpoint, an unsupported architecture or
             option, missing shards or weights, shapes that do not match.
     """
-    from keras_llm.models import build_llama  # pylint: disable=import-outside-toplevel
+    from keras_llm.models import assign_weights, build_llama  # pylint: disable=import-outside-toplevel
 
     directory = os.path.abspath(os.fspath(directory))
     if not is_hf_dir(directory):
@@ -489,7 +467,7 @@ def load_hf(directory, context_length=None, progress=True):
     weights = keras_weights(tensors, config)
     del tensors
     model = build_llama(config, name=_model_name(hf, arch))
-    _set_weights(model, weights, directory)
+    assign_weights(model, weights, directory, HFImportError)
     tokenizer, reason = tokenizer_from_hf(directory, hf)
     metadata = {
         "source": directory,

@@ -173,7 +173,7 @@ def load_keras_hub(path, context_length=None, progress=True):  # pylint: disable
         assets, not in the `.keras` file, so the model runs on token ids.
     """
     import h5py  # pylint: disable=import-outside-toplevel
-    from keras_llm.models import build_llama  # pylint: disable=import-outside-toplevel
+    from keras_llm.models import assign_weights, build_llama  # pylint: disable=import-outside-toplevel
 
     task_config = _read_config(path)
     if task_config is None:
@@ -205,14 +205,7 @@ def load_keras_hub(path, context_length=None, progress=True):  # pylint: disable
             weights[f"layer_{i}_{layer}"] = [found[0] if layout == "vector"
                                              else _kernel(found[0], layout)]
     model = build_llama(config, name=os.path.splitext(os.path.basename(path))[0] or arch)
-    for name, values in weights.items():
-        layer = model.get_layer(name)
-        shapes = [tuple(w.shape) for w in layer.weights]
-        if not values or shapes != [v.shape for v in values]:
-            raise KerasHubImportError(f"{path}: weights for {name} have shapes "
-                                      f"{[v.shape for v in values or []]}, expected {shapes}")
-    for name, values in weights.items():
-        model.get_layer(name).set_weights(values)
+    assign_weights(model, weights, path, KerasHubImportError)
     metadata = {"source": os.path.abspath(path), "source_format": "keras-hub",
                 "architecture": arch, "dtype": "float32", "quantization": None,
                 "sparsity": None, "config": config.to_dict()}

@@ -1,5 +1,5 @@
 """Model builders."""
 
-from keras_llm.models.llama import build_llama, config_from_model, find_layer
+from keras_llm.models.llama import assign_weights, build_llama, config_from_model, find_layer
 
-__all__ = ["build_llama", "config_from_model", "find_layer"]
+__all__ = ["assign_weights", "build_llama", "config_from_model", "find_layer"]

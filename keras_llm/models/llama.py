@@ -88,6 +88,35 @@ def build_llama(config, name="llama", dtype=None):
     return keras.Model(token_ids, logits, name=name)
 
 
+def assign_weights(model, weights, source, error=ValueError):
+    """Give each named layer of `model` its arrays, after checking that every
+    layer with weights gets some, no name is unknown and every shape fits
+    (so a failure leaves no half-assigned model behind).
+
+    Args:
+        model: a model from `build_llama`.
+        weights: `{layer name: [arrays in layer.weights order]}`.
+        source: what the weights came from, for the messages.
+        error: the exception class raised (a `ValueError` subclass).
+    """
+    expected = {layer.name: [tuple(w.shape) for w in layer.weights]
+                for layer in model.layers if layer.weights}
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise error(f"{source} lacks weights for layers {missing[:5]}"
+                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise error(f"{source} has weights for layers the model does not have: {unknown[:5]}")
+    for name, arrays in weights.items():
+        shapes = [tuple(a.shape) for a in arrays]
+        if shapes != expected[name]:
+            raise error(f"{source}: weights for {name} have shapes {shapes}, the model "
+                        f"expects {expected[name]}")
+    for name, arrays in weights.items():
+        model.get_layer(name).set_weights(arrays)
+
+
 def unwrap(layer):
     """The layer inside TF-MOT wrappers (pruning, quantization), or itself."""
     while hasattr(layer, "layer") and isinstance(layer.layer, keras.layers.Layer):
