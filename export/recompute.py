@@ -45,7 +45,7 @@ class RecomputeGenerationModule(tf.Module):
 
     def __init__(self, lm, max_new_tokens=128, tokenizer=None):
         super().__init__(name="keras_llm_recompute_generation")
-        backend = lm.engine.backend
+        backend = lm.recompute_backend()
         self.recompute = backend.functions
         self.model = backend.functions.model
         self.tokenizer = tokenizer

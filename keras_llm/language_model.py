@@ -165,10 +165,33 @@ class LanguageModel:
                              max_slots=self.max_slots, progress=self.progress)
 
     def _backend(self):
-        if self.generic:
-            from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
-            return RecomputeBackend.from_model(self.model, max_length=self.max_positions,
-                                               max_slots=self.max_slots)
+        if not self.generic:
+            return self._cached_backend(self.model)
+        # A user's model shaped as a Llama gets the KV-cache path; anything else recomputes.
+        from keras_llm import llama_map  # pylint: disable=import-outside-toplevel
+        try:
+            llama = llama_map.to_llama(self.model, context_length=self.max_positions)
+        except ValueError as error:
+            LOG.info("model %r runs on the recompute backend: %s", self.model.name, error)
+        else:
+            LOG.info("model %r is a Llama (weights mapped onto build_llama, logits checked): "
+                     "decoding with a KV cache", self.model.name)
+            return self._cached_backend(llama)
+        return self.recompute_backend()
+
+    def recompute_backend(self):
+        """The recompute backend over this (user's) model, the engine's own
+        when it runs on one: the forward pass its export carries."""
+        from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
+        backend = getattr(self._engine, "backend", None)
+        if isinstance(backend, RecomputeBackend):
+            return backend
+        return RecomputeBackend.from_model(self.model, max_length=self.max_positions,
+                                           max_slots=self.max_slots)
+
+    def _cached_backend(self, model):
+        """LiteRT (converted once, kept beside the source) or XLA over a
+        keras-llm Llama `model`."""
         from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
         precision = artifacts.precision_of(self.metadata)
         if self.backend_name != "xla" and self.source is not None and precision:
@@ -176,7 +199,9 @@ class LanguageModel:
                     or artifacts.cached_litert(self.source, precision))
             if path is None:
                 try:
-                    path = artifacts.build_litert(self.source, self.model, self.tokenizer,
+                    # The tokenizer only calibrates int8 (a user's model may have none).
+                    tokenizer = self.tokenizer if precision == "int8" else None
+                    path = artifacts.build_litert(self.source, model, tokenizer,
                                                   precision, progress=self.progress)
                 except Exception as error:  # pylint: disable=broad-except
                     if self.backend_name == "litert":
@@ -191,7 +216,7 @@ class LanguageModel:
         from keras_llm.runtime.xla import XLABackend, use_persistent_cache  # pylint: disable=import-outside-toplevel
         if self.source is not None:  # a model with a home: keep its compiled programs too
             use_persistent_cache(artifacts.xla_cache_dir())
-        return XLABackend.from_model(self.model, max_slots=self.max_slots)
+        return XLABackend.from_model(model, max_slots=self.max_slots)
 
     # ----- prompts ---------------------------------------------------------
 

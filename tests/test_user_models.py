@@ -35,6 +35,9 @@ MODELS = {  # name: (builder, seed, fixed input length of the reference loop)
     "builtin_gpt": (user_layers.builtin_gpt, 2, None),
     "small_llama": (user_layers.small_llama, 3, None),
 }
+# The backend each decodes on: the hand-written Llama maps onto build_llama
+# (keras_llm.llama_map) and gets the KV-cache LiteRT path; the GPTs recompute.
+BACKENDS = {"mini_gpt": "recompute", "builtin_gpt": "recompute", "small_llama": "litert"}
 DEADLINE = 120
 
 
@@ -45,6 +48,19 @@ def word_level_tokenizer(path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path))
     return tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_home(tmp_path_factory):
+    """The LiteRT files converted for these throwaway models (the mapped
+    Llama's) go to a temporary KERAS_LLM_HOME, not the user's cache."""
+    before = os.environ.get("KERAS_LLM_HOME")
+    os.environ["KERAS_LLM_HOME"] = str(tmp_path_factory.mktemp("home"))
+    yield
+    if before is None:
+        os.environ.pop("KERAS_LLM_HOME")
+    else:
+        os.environ["KERAS_LLM_HOME"] = before
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +99,7 @@ def test_language_model_gives_the_predict_loop_tokens(files, name):
     assert lm.host_tokenizer is None and lm.generic
     [completion] = lm.generate_ids([files["prompt"]], max_new_tokens=NEW)
     assert completion.token_ids == entry["reference"]
-    assert lm.engine.backend.capabilities.name == "recompute"
+    assert lm.engine.backend.capabilities.name == BACKENDS[name]
     streamed = [ids for item in lm.stream(files["prompt"], max_new_tokens=NEW)
                 if isinstance(item, tuple) for ids in item[1]]
     assert streamed == entry["reference"]
