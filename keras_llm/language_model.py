@@ -56,8 +56,11 @@ class LanguageModel:
     Args:
         model: the Functional keras model, or None to load it from `source`
             when needed. A model not built by `build_llama` (any causal LM
-            mapping token ids `(B, T)` to logits `(B, T, V)`) generates on
-            the recompute backend (`keras_llm.runtime.recompute`).
+            mapping token ids `(B, T)` to logits `(B, T, V)`) generates with
+            a KV cache where that is checked to be exact (a Llama-shaped
+            model on keras-llm's Llama, `keras_llm.llama_map`; a Functional
+            `MultiHeadAttention` model, `keras_llm.runtime.mha_cache`), else
+            on the recompute backend (`keras_llm.runtime.recompute`).
         tokenizer: its `BytePairTokenizer`, any object with `encode(text) ->
             ids` and `decode(ids) -> text` (e.g. a `tokenizers.Tokenizer`),
             or None: with a `source` that is a model directory, its own;
@@ -167,17 +170,28 @@ class LanguageModel:
     def _backend(self):
         if not self.generic:
             return self._cached_backend(self.model)
-        # A user's model shaped as a Llama gets the KV-cache path; anything else recomputes.
+        # A user's model gets a KV cache where one is safe: a Llama-shaped one on keras-llm's
+        # Llama, a Functional MultiHeadAttention one in its own layers; anything else recomputes.
         from keras_llm import llama_map  # pylint: disable=import-outside-toplevel
         try:
             llama = llama_map.to_llama(self.model, context_length=self.max_positions)
         except ValueError as error:
-            LOG.info("model %r runs on the recompute backend: %s", self.model.name, error)
+            LOG.info("model %r is not a Llama keras-llm can rebuild: %s", self.model.name, error)
         else:
             LOG.info("model %r is a Llama (weights mapped onto build_llama, logits checked): "
                      "decoding with a KV cache", self.model.name)
             return self._cached_backend(llama)
-        return self.recompute_backend()
+        from keras_llm.runtime.mha_cache import MHACacheBackend  # pylint: disable=import-outside-toplevel
+        try:
+            backend = MHACacheBackend.from_model(self.model, max_length=self.max_positions,
+                                                 max_slots=self.max_slots)
+        except ValueError as error:
+            LOG.info("model %r has no KV-cache path (%s): recomputing the whole sequence "
+                     "each step", self.model.name, error)
+            return self.recompute_backend()
+        LOG.info("model %r decodes with a KV cache in its MultiHeadAttention layers "
+                 "(cached steps checked against its own logits)", self.model.name)
+        return backend
 
     def recompute_backend(self):
         """The recompute backend over this (user's) model, the engine's own
@@ -387,7 +401,7 @@ def load(spec, safe_mode=True, tokenizer=None, progress=True, backend="auto",
             `.keras`/`.h5` file, or a `.gguf` file (told apart by content).
             A `.keras`/`.h5` file may hold any causal LM (token ids `(B, T)`
             -> logits `(B, T, V)`); one not built by `build_llama` generates
-            on the recompute backend.
+            as `LanguageModel` says.
         safe_mode: refuse model files that carry Python code.
         tokenizer: for bare `.keras`/`.h5` files: a `tokenizer.json` file
             (keras-llm's or Hugging Face's, told apart by content), the

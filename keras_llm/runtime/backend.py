@@ -24,7 +24,7 @@ class Capabilities:
     """What a backend supports.
 
     Attributes:
-        name: "litert", "xla" or "recompute".
+        name: "litert", "xla", "mha-cache" or "recompute".
         max_slots: most sequences one step can hold.
         max_length: cache positions per sequence (prompt plus new tokens).
         vocabulary_size: logits per row.
