@@ -28,7 +28,7 @@ def smollm2():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _release_memory_after_each_module():
+def _release_memory_after_each_module(request):
     """Give back what a test module freed (Keras graphs, engines, servers),
     so the suite's resident memory does not pile up on a small CI machine."""
     yield
@@ -43,6 +43,12 @@ def _release_memory_after_each_module():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    log = os.environ.get("KERAS_LLM_TEST_RSS_LOG")  # where the suite's memory goes, per module
+    if log:
+        with open("/proc/self/status", encoding="ascii") as status:
+            rss = next(line.split()[1] for line in status if line.startswith("VmRSS:"))
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"{request.module.__name__} {int(rss) // 1024} MiB\n")
 
 
 @pytest.fixture(scope="session")
