@@ -169,7 +169,7 @@ class LanguageModel:
 
     def _backend(self):
         if not self.generic:
-            return self._cached_backend(self.model)
+            return self._cached_backend()  # the model loads (TensorFlow) only if needed
         # A user's model gets a KV cache where one is safe: a Llama-shaped one on keras-llm's
         # Llama, a Functional MultiHeadAttention one in its own layers; anything else recomputes.
         from keras_llm import llama_map  # pylint: disable=import-outside-toplevel
@@ -203,9 +203,10 @@ class LanguageModel:
         return RecomputeBackend.from_model(self.model, max_length=self.max_positions,
                                            max_slots=self.max_slots)
 
-    def _cached_backend(self, model):
+    def _cached_backend(self, model=None):
         """LiteRT (converted once, kept beside the source) or XLA over a
-        keras-llm Llama `model`."""
+        keras-llm Llama `model` (default: this one's own, loaded only when
+        there is no LiteRT file to run)."""
         from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
         precision = artifacts.precision_of(self.metadata)
         if self.backend_name != "xla" and self.source is not None and precision:
@@ -215,6 +216,7 @@ class LanguageModel:
                 try:
                     # The tokenizer only calibrates int8 (a user's model may have none).
                     tokenizer = self.tokenizer if precision == "int8" else None
+                    model = self.model if model is None else model
                     path = artifacts.build_litert(self.source, model, tokenizer,
                                                   precision, progress=self.progress)
                 except Exception as error:  # pylint: disable=broad-except
@@ -230,6 +232,7 @@ class LanguageModel:
         from keras_llm.runtime.xla import XLABackend, use_persistent_cache  # pylint: disable=import-outside-toplevel
         if self.source is not None:  # a model with a home: keep its compiled programs too
             use_persistent_cache(artifacts.xla_cache_dir())
+        model = self.model if model is None else model
         return XLABackend.from_model(model, max_slots=self.max_slots)
 
     # ----- prompts ---------------------------------------------------------
