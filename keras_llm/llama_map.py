@@ -77,14 +77,15 @@ def _config_value(model, names):
 
 def _ordered(model, vocabulary):
     """`{keras-llm name: array}` from the order of `model.weights`."""
-    arrays = [np.asarray(w.numpy()) for w in model.weights]
-    if not arrays or arrays[0].ndim != 2 or arrays[0].shape[0] != vocabulary:
+    shapes = [tuple(w.shape) for w in model.weights]  # checked before any weight is copied
+    if not shapes or len(shapes[0]) != 2 or shapes[0][0] != vocabulary:
         raise ValueError("its first weight is not a (vocabulary, hidden) token embedding")
-    head = arrays[-1].ndim == 2 and arrays[-1].shape[-1] == vocabulary
-    body = len(arrays) - 2 - int(head)  # embedding, final norm, head
+    head = len(shapes[-1]) == 2 and shapes[-1][-1] == vocabulary
+    body = len(shapes) - 2 - int(head)  # embedding, final norm, head
     if body <= 0 or body % len(BLOCK):
-        raise ValueError(f"its {len(arrays)} weights are not an embedding, blocks of "
+        raise ValueError(f"its {len(shapes)} weights are not an embedding, blocks of "
                          f"{len(BLOCK)} ({', '.join(BLOCK)}), a final norm and a head")
+    arrays = [np.asarray(w.numpy()) for w in model.weights]
     named = {"token_embedding": arrays[0], "final_norm": arrays[1 + body]}
     for i in range(body // len(BLOCK)):
         for j, part in enumerate(BLOCK):
