@@ -32,11 +32,24 @@ Example:
 import collections
 import copy
 
+import flatbuffers
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 _NUMPY_TYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: np.int8}
+
+
+def _serialize(model):
+    """`model`'s flatbuffer bytes. The same bytes as
+    `flatbuffer_utils.convert_object_to_bytearray`, three times faster on a
+    half-gigabyte model: its builder starts at 1 KB and doubles (copying
+    everything) about twenty times, where this one starts at the size of
+    the weights."""
+    size = sum(len(b.data) for b in model.buffers if b.data is not None) + (16 << 20)
+    builder = flatbuffers.Builder(size)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _builtin(code):
@@ -147,7 +160,7 @@ def fuse_projections(flatbuffer):
             for i in (*op.inputs, *op.outputs) if i >= 0}
     for index in replaced - used:
         model.buffers[index].data = None
-    return flatbuffer_utils.convert_object_to_bytearray(model)
+    return _serialize(model)
 
 
 def split_signatures(flatbuffer, groups):
@@ -155,20 +168,24 @@ def split_signatures(flatbuffer, groups):
 
     Each file keeps the subgraphs of its group's signatures (renumbered), the
     operator codes, and the data of the buffers its tensors use; every other
-    buffer is left empty. Returns the files' bytes in the order of `groups`.
+    buffer is left empty. Returns an iterator over the files' bytes in the
+    order of `groups`, each made when asked for (so a caller writing them
+    one by one holds one at a time); unknown keys raise at once.
     """
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
     by_key = {d.signatureKey.decode(): d for d in model.signatureDefs}
     missing = [k for group in groups for k in group if k not in by_key]
     if missing:
         raise ValueError(f"no signatures {missing} in the file (it has {sorted(by_key)})")
+    return _split(model, [[by_key[k] for k in group] for group in groups])
+
+
+def _split(model, groups):
     subgraphs, signatures = model.subgraphs, model.signatureDefs
     data = [buffer.data for buffer in model.buffers]
     keep_always = {0} | {m.buffer for m in (model.metadata or [])}
-    files = []
     try:
-        for group in groups:
-            chosen = [by_key[k] for k in group]
+        for chosen in groups:
             model.subgraphs = [subgraphs[d.subgraphIndex] for d in chosen]
             model.signatureDefs = []
             for index, definition in enumerate(chosen):
@@ -178,12 +195,11 @@ def split_signatures(flatbuffer, groups):
             used = keep_always | {t.buffer for g in model.subgraphs for t in g.tensors}
             for index, buffer in enumerate(model.buffers):
                 buffer.data = data[index] if index in used else None
-            files.append(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+            yield _serialize(model)
     finally:
         model.subgraphs, model.signatureDefs = subgraphs, signatures
         for buffer, value in zip(model.buffers, data):
             buffer.data = value
-    return files
 
 
 def _drop_tensors(model, subgraph_index, candidates):

@@ -33,13 +33,16 @@ def main(argv=None):
         paths.extend(sorted(path.glob("test_*.py")) if path.is_dir() else [path])
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     broken = []
+    timings = []
     start = time.perf_counter()
     for path in paths:
         print(f"== {path.relative_to(TESTS.parent) if path.is_absolute() else path}", flush=True)
+        began = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *options, str(path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               check=False)
         print(proc.stdout, end="", flush=True)
+        timings.append((time.perf_counter() - began, path.name))
         lines = [line for line in proc.stdout.splitlines() if COUNT.search(line)]
         for number, kind in COUNT.findall(lines[-1] if lines else ""):
             key = "error" if kind.startswith("error") else kind
@@ -48,6 +51,8 @@ def main(argv=None):
         if proc.returncode not in (0, NO_TESTS):
             broken.append(f"{path.name} (exit {proc.returncode})")
     minutes = (time.perf_counter() - start) / 60
+    print("slowest files: " + ", ".join(f"{name} {seconds:.0f} s"
+                                         for seconds, name in sorted(timings, reverse=True)[:8]))
     if broken:
         print(f"failing files: {', '.join(broken)}")
     print(f"{len(paths)} files in {minutes:.1f} min")

@@ -303,3 +303,22 @@ def test_split_files_hold_only_their_signatures_and_give_the_same_results(model,
     with open(whole, "rb") as handle:
         with pytest.raises(ValueError, match="no signatures"):
             split_signatures(handle.read(), [["decode_b9"]])
+
+
+def test_fast_serializer_writes_the_same_bytes_as_tensorflows(float_file):
+    from keras_llm.litert_fusion import _serialize
+
+    with open(float_file, "rb") as handle:
+        data = handle.read()
+    parsed = flatbuffer_utils.read_model_from_bytearray(data)
+    assert _serialize(parsed) == bytes(flatbuffer_utils.convert_object_to_bytearray(parsed))
+
+
+def test_conversion_saves_only_the_weights_not_the_keras_model(model):
+    # The converter writes the object it is given as a SavedModel; a tracked
+    # Keras model there has every layer traced (half the conversion time).
+    holder, functions = litert._step_functions(model, MAX_LENGTH, [1], 16)
+    children = {name for name, _ in holder._trackable_children().items()}  # pylint: disable=protected-access
+    assert children == {"weights"}
+    assert len(holder.weights) == len(model.weights)
+    assert set(functions) == {"decode_b1", "prefill"}
