@@ -36,8 +36,11 @@ def uniform_noise(seeds, step, vocabulary_size):
     row = _mix32(mask(seeds * 0x9E3779B1 + _mix32(step + 0x632BE5AB), _MASK32))  # (B,)
     index = mask(tf.range(vocabulary_size, dtype=tf.int64) * 0x27D4EB2F, _MASK32)  # (V,)
     bits = _mix32(tf.bitwise.bitwise_xor(row[:, tf.newaxis], index[tf.newaxis, :]))  # (B, V)
-    bits = tf.bitwise.right_shift(bits, tf.constant(8, tf.int64))
-    return (tf.cast(bits, tf.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (bits + 0.5) / 2**23 is exact in float32 and strictly inside
+    # (0, 1); with 24 the largest value rounded to 1.0 and its Gumbel noise
+    # to +inf (a token top-k/top-p had removed could then be drawn).
+    bits = tf.bitwise.right_shift(bits, tf.constant(9, tf.int64))
+    return (tf.cast(bits, tf.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def filter_logits(logits, temperature, top_k, top_p):

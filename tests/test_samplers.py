@@ -72,3 +72,24 @@ def test_uniform_noise_range_and_spread():
     assert u.min() > 0 and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01
     assert not np.array_equal(u[0], u[1])
+
+
+def test_noise_never_reaches_one_so_a_filtered_token_is_never_drawn():
+    # Seed 199 at step 0 hashes index 2785 of a 49,152-token vocabulary to
+    # the largest bit pattern, which 24-bit noise rounded to exactly 1.0
+    # (Gumbel +inf; -inf + inf is NaN, and argmax picks a NaN).
+    from keras_llm.runtime import sampling
+
+    vocabulary = 49152
+    host = sampling.uniform_noise([199], 0, vocabulary)
+    graph = uniform_noise(tf.constant([199]), 0, vocabulary).numpy()
+    np.testing.assert_array_equal(host, graph)
+    assert 0 < host.min() and host.max() < 1
+    logits = np.zeros([1, vocabulary], np.float32)
+    logits[0, :2] = 5.0  # top-k 2 leaves tokens 0 and 1 only
+    with np.errstate(all="raise"):
+        token = sampling.sample(logits, 1.0, 2, 1.0, [199], 0)[0]
+    assert token in (0, 1)
+    drawn = sample_next(tf.constant(logits), tf.constant([1.0]), tf.constant([2]),
+                        tf.constant([1.0]), tf.constant([199]), 0)
+    assert int(drawn[0]) in (0, 1)

@@ -29,8 +29,9 @@ def uniform_noise(seeds, steps, vocabulary_size):
         row = _mix32((seeds * np.uint64(0x9E3779B1) + _mix32(steps + np.uint64(0x632BE5AB)))
                      & _MASK32)  # (B,)
         index = (np.arange(vocabulary_size, dtype=np.uint64) * np.uint64(0x27D4EB2F)) & _MASK32
-        bits = _mix32(row[:, np.newaxis] ^ index[np.newaxis, :]) >> np.uint64(8)  # (B, V)
-    return (bits.astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))
+        bits = _mix32(row[:, np.newaxis] ^ index[np.newaxis, :]) >> np.uint64(9)  # (B, V)
+    # 23 bits, exact in float32: never 0 or 1 (see `keras_llm.samplers`).
+    return (bits.astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 23))
 
 
 def _filter(logits, temperature, top_k, top_p):
