@@ -47,7 +47,7 @@ from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.tokenizer import TOKENIZER_FILE
-from keras_llm.runtime.xla import SlotDecoder
+from keras_llm.runtime.xla import SlotDecoder, Untracked
 
 LOG = logging.getLogger("keras_llm.export")
 SIGNATURES = ("serving_default", "generate", "generate_ids", "score")
@@ -77,7 +77,8 @@ class GenerationModule(tf.Module):
     def __init__(self, lm, max_new_tokens=128, jit_compile=True, chat=False,
                  prompt_bucket=64, cache_bucket=256):
         super().__init__(name="keras_llm_generation")
-        self.model = lm.model
+        self._model = Untracked(lm.model)  # the variables are enough (see Untracked)
+        self.weights = list(lm.model.weights)
         self.tokenizer = lm.tokenizer
         config = lm.config
         self._context = config.context_length
@@ -204,7 +205,7 @@ class GenerationModule(tf.Module):
         return {"token_ids": tokens, "num_tokens": counts}
 
     def _score(self, token_ids, num_tokens):
-        return score_outputs(self.model, token_ids, num_tokens, self._pad)
+        return score_outputs(self._model.value, token_ids, num_tokens, self._pad)
 
 
 def score_outputs(model, token_ids, num_tokens, pad_id):

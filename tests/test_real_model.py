@@ -87,12 +87,26 @@ def test_cli_generate_json_subprocess(smollm2, reference):
     assert record["decode_tokens_per_s"] > 0 and record["time_to_first_token_s"] > 0
 
 
-def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, reference, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2, tmp_path_factory):
+    """One export for the tests below (each takes minutes): SavedModel plus
+    the model's own LiteRT files (the export copies the files already built)."""
     from keras_llm.export.saved_model import export_model
+    from keras_llm.runtime import artifacts
+
+    o = artifacts.DEFAULT_LITERT
+    base = tmp_path_factory.mktemp("smollm2-export")
+    path = export_model(smollm2, base, "smollm2", max_new_tokens=24, progress=False,
+                        litert_batch_sizes=o["batch_sizes"], litert_max_length=o["max_length"],
+                        litert_lengths=o["lengths"])
+    return base / "smollm2", path
+
+
+def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, smollm2_export,
+                                                                   reference):
     from tests.test_export import run_in_fresh_process
 
-    path = export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False,
-                        litert=None)
+    _, path = smollm2_export
     items = [reference["generation"][0], reference["generation"][2]]
     result = run_in_fresh_process(path, "serving_default", {"prompt": [i["prompt"] for i in items]})
     assert result["imported_modules"] == []
@@ -103,24 +117,18 @@ def test_exported_smollm2_serves_reference_greedy_in_fresh_process(smollm2, refe
         assert result["text"][row] == completion.text
 
 
-def test_server_on_exported_smollm2(smollm2, reference, tmp_path):
+def test_server_on_exported_smollm2(smollm2, smollm2_export, reference):
     """The real server on loopback with SmolLM2 on the export's LiteRT file:
     Predict with TF Serving's stubs (through the engine), streaming (non-ASCII
     intact), and concurrent streams and Predict calls equal to alone."""
     import concurrent.futures
 
-    from keras_llm.export.saved_model import export_model
-    from keras_llm.runtime import artifacts
     from keras_llm.serving.client import Client
     from keras_llm.serving.engine import EngineConfig
     from keras_llm.serving.server import Server
 
-    # The model's own LiteRT options: the export copies the file already built.
-    o = artifacts.DEFAULT_LITERT
-    export_model(smollm2, tmp_path, "smollm2", max_new_tokens=24, progress=False,
-                 litert_batch_sizes=o["batch_sizes"], litert_max_length=o["max_length"],
-                 litert_lengths=o["lengths"])
-    server = Server({"smollm2": str(tmp_path / "smollm2")}, port=0, poll_seconds=0,
+    base, _ = smollm2_export
+    server = Server({"smollm2": str(base)}, port=0, poll_seconds=0,
                     engine_config=EngineConfig(max_slots=2, max_length=256))
     try:
         with Client(f"127.0.0.1:{server.port}", timeout=600) as client:

@@ -62,6 +62,21 @@ class SlotCacheContext(KVCacheContext):
         return mask[:, tf.newaxis, tf.newaxis, tf.newaxis, :]  # (N, 1, 1, 1, S)
 
 
+class Untracked:
+    """Holds a value where `tf.Module` does not look.
+
+    A Keras model tracked by a module that `tf.saved_model.save` writes has
+    every layer's call traced again into the SavedModel (for SmolLM2, most
+    of an export's time), though the signatures only need its variables:
+    modules keep `weights` (a list of the variables) and the model in here.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
 class SlotDecoder(tf.Module):
     """Slot-based prefill/decode functions with the cache in variables.
 
@@ -72,7 +87,8 @@ class SlotDecoder(tf.Module):
 
     def __init__(self, model, jit_compile=True):
         super().__init__(name="slot_decoder")
-        self.model = model
+        self._model = Untracked(model)
+        self.weights = list(model.weights)
         config = config_from_model(model)
         self._config = config
         dtype = tf.as_dtype(find_layer(model, "layer_0_key").compute_dtype)
@@ -92,6 +108,10 @@ class SlotDecoder(tf.Module):
             self._decode, jit_compile=jit_compile,
             input_signature=[rows(tf.int32, "tokens"), rows(tf.int32, "index"),
                              rows(tf.int32, "key_start")])
+
+    @property
+    def model(self):
+        return self._model.value
 
     def _allocate(self, num_slots, max_length):
         """(Re)allocate the cache: `num_slots` sequences of `max_length` tokens."""
