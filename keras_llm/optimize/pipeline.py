@@ -43,6 +43,7 @@ import tf_keras as keras
 from keras_llm.optimize import evaluation, report as reporting, teacher_text
 from keras_llm.optimize._common import clone_with
 from keras_llm.optimize.strategy import describe, training_strategy
+from keras_llm.runtime import artifacts
 
 QUANTIZE_MODES = ("int8", "qat")
 
@@ -377,7 +378,11 @@ def _run(model_spec, output, report_path, options, staging):
     strategy = training_strategy(options.devices)
     measurer = _Measurer(original, tokenizer, options, scratch)
 
-    rows = [measurer.keras_row("original", original)]
+    # The original's own file when it has one (no second save to measure).
+    source = getattr(lm, "source", None)
+    original_file = (os.path.join(source, artifacts.MODEL_FILE)
+                     if source and artifacts.is_model_dir(source) else None)
+    rows = [measurer.keras_row("original", original, original_file)]
     steps, notes, record = [], [], {}
     train_ids = None
     if options.trains or options.quantize:

@@ -105,7 +105,11 @@ def teacher_token_stream(lm, tokens, cache_dir=None, seed=0, batch_size=16,
         ids = [lm.encode(text) if plain else lm.encode(text, chat=True)
                for plain, text in batch]
         room = lm.config.context_length - max(len(i) for i in ids)
-        results = generator.generate_ids(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
+        # No longer than the batch needs (a short run asked 1,024 tokens and
+        # got 3,202): prompts take about a third.
+        needed = -(-(tokens - len(stream)) // len(ids))
+        results = generator.generate_ids(ids, max_new_tokens=max(1, min(max_new_tokens, room,
+                                                                         max(16, needed))),
                                   temperature=temperature,
                                   top_p=top_p, seed=seed + batch_index)
         for prompt_ids, result in zip(ids, results):
