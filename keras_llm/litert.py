@@ -265,7 +265,7 @@ def default_lengths(max_length):
 
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=(),
-            fuse=True, split=False):
+            fuse=True, split=False, progress=None):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -289,6 +289,10 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             prefill in `path`, each decode step `X` in
             `<path without .tflite>.X.tflite` (what the runtime uses: each
             file's weights are prepared only when it is used).
+        progress: called with the fraction of the work each stage did
+            (they add up to 1): tracing, TensorFlow Lite's converter, the
+            fusion, then each file written. For SmolLM2 on 2 cores the
+            converter is about half of it.
 
     Returns:
         `path`, or with `split` the list of files written (`path` first).
@@ -306,10 +310,12 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     lengths = sorted({int(n) for n in lengths})
     if lengths and not 0 < lengths[0] <= lengths[-1] < max_length:
         raise ValueError(f"lengths must be in [1, max_length={max_length}), got {lengths}")
+    done = progress or (lambda fraction: None)
     if quantization == "int8" and smooth_alpha:
         model = smooth(model, calibration_ids, smooth_alpha)
     holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths)
     functions = [f.get_concrete_function() for f in steps.values()]
+    done(0.1)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantization == "int8":
@@ -318,10 +324,13 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     flatbuffer = converter.convert()
+    done(0.5)
     if fuse:
         flatbuffer = fuse_projections(flatbuffer)
+    done(0.1)
     if not split:
         _write(path, flatbuffer)
+        done(0.3)
         return path
     # One file per signature, the prefill's first: an interpreter prepares
     # (packs the weights of) every signature of its file at once, so a
@@ -331,6 +340,7 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     paths = [path] + [f"{stem}.{group[0]}.tflite" for group in groups[1:]]
     for target, data in zip(paths, split_signatures(flatbuffer, groups)):
         _write(target, data)
+        done(0.3 / len(paths))
     return paths
 
 

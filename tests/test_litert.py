@@ -322,3 +322,13 @@ def test_conversion_saves_only_the_weights_not_the_keras_model(model):
     assert children == {"weights"}
     assert len(holder.weights) == len(model.weights)
     assert set(functions) == {"decode_b1", "prefill"}
+
+
+def test_conversion_reports_its_progress_in_stages_adding_up_to_one(model, tmp_path):
+    steps = []
+    paths = litert.convert(model, str(tmp_path / "m.tflite"), batch_sizes=(1, 2),
+                           max_length=MAX_LENGTH, prefill_length=16, split=True,
+                           progress=steps.append)
+    # tracing, the converter, the fusion, then one step per file written
+    assert len(steps) == 3 + len(paths) == 6
+    assert all(step > 0 for step in steps) and abs(sum(steps) - 1.0) < 1e-9

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from keras_llm.progress import Progress
+
 MODEL_FILE = "model.keras"
 METADATA_FILE = "keras_llm.json"
 EXPORT_LITERT = os.path.join("assets.extra", "litert", "model.tflite")
@@ -131,6 +133,8 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
               f"once per model, kept in {os.path.dirname(path)} "
               "(about 5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
     context = model_context(model)
+    bar = Progress(1000, f"keras-llm: LiteRT {precision}",
+                   enabled=bool(progress) and sys.stderr.isatty())
     if os.path.exists(manifest):  # stale: the manifest goes first, then the files
         os.remove(manifest)
     paths = litert.convert(model, path, quantization=None if precision == "float32" else precision,
@@ -139,7 +143,9 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
                    prefill_length=min(options["prefill_length"], context),
                    calibration_ids=litert.calibration_ids(tokenizer) if precision == "int8"
-                   else None, split=True)
+                   else None, split=True,
+                   progress=lambda fraction: bar.update(round(1000 * fraction)))
+    bar.close()
     handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         json.dump({"key": key, "files": [os.path.basename(p) for p in paths],
