@@ -33,8 +33,10 @@ Example:
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -148,15 +150,40 @@ def _log(options, message):
         print(f"[optimize] {message}", file=sys.stderr, flush=True)
 
 
+_INTERRUPTED = threading.Event()
+_TRAINING = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C. During training it is only remembered and `_Progress` raises
+    KeyboardInterrupt at the end of the step: raised wherever the signal
+    lands, it could be swallowed inside TensorFlow (training went on) or
+    break a C call (`SystemError`). Elsewhere it raises at once."""
+    del signum, frame
+    _INTERRUPTED.set()
+    if not _TRAINING.is_set():
+        raise KeyboardInterrupt
+
+
 class _Progress(keras.callbacks.Callback):
-    """Prints `label step/total loss` about 20 times over a training run."""
+    """Prints `label step/total loss` about 20 times over a training run,
+    and stops it at the first step after a Ctrl-C."""
 
     def __init__(self, label, total, options):
         super().__init__()
         self.label, self.total, self.options = label, int(total), options
         self.start = time.perf_counter()
 
+    def on_train_begin(self, logs=None):
+        _TRAINING.set()
+
+    def on_train_end(self, logs=None):
+        _TRAINING.clear()
+
     def on_train_batch_end(self, batch, logs=None):
+        if _INTERRUPTED.is_set():
+            _TRAINING.clear()
+            raise KeyboardInterrupt
         step = batch + 1
         if step % max(1, self.total // 20) == 0 or step == self.total:
             loss = (logs or {}).get("loss")
@@ -321,11 +348,18 @@ def run(model, output, report_path, options=None, **kwargs):
     os.makedirs(parent, exist_ok=True)
     os.makedirs(os.path.dirname(report_path), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.staging-", dir=parent)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
+    _INTERRUPTED.clear()
+    _TRAINING.clear()
     try:
         report, staged = _run(model, output, report_path, options, staging)
         _publish(staging, output, staged)
         return report
     finally:
+        _TRAINING.clear()
+        if main:
+            signal.signal(signal.SIGINT, previous)
         shutil.rmtree(staging, ignore_errors=True)
 
 
