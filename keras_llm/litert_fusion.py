@@ -41,7 +41,7 @@ _NUMPY_TYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: n
 
 
 def _serialize(model):
-    """`model`'s flatbuffer bytes. The same bytes as
+    """`model`'s flatbuffer bytes (a bytearray). The same bytes as
     `flatbuffer_utils.convert_object_to_bytearray`, three times faster on a
     half-gigabyte model: its builder starts at 1 KB and doubles (copying
     everything) about twenty times, where this one starts at the size of
@@ -49,7 +49,7 @@ def _serialize(model):
     size = sum(len(b.data) for b in model.buffers if b.data is not None) + (16 << 20)
     builder = flatbuffers.Builder(size)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return builder.Output()  # already a copy (a bytearray): no second one
 
 
 def _builtin(code):
