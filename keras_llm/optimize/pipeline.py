@@ -413,9 +413,8 @@ def _run(model_spec, output, report_path, options, staging):
     measurer = _Measurer(original, tokenizer, options, scratch)
 
     # The original's own file when it has one (no second save to measure).
-    source = getattr(lm, "source", None)
-    original_file = (os.path.join(source, artifacts.MODEL_FILE)
-                     if source and artifacts.is_model_dir(source) else None)
+    original_file = (os.path.join(lm.source, artifacts.MODEL_FILE)
+                     if lm.source and artifacts.is_model_dir(lm.source) else None)
     rows = [measurer.keras_row("original", original, original_file)]
     steps, notes, record = [], [], {}
     train_ids = None
