@@ -1,7 +1,8 @@
 """Saving and loading keras-llm models and model directories.
 
 A model directory holds:
-    model.keras      the Functional model (tf_keras native format)
+    model.keras      the Functional model (tf_keras native format; a pruned
+                     model's weights may be packed sparse, see below)
     tokenizer.json   vocabulary, merges, special tokens, chat template
     keras_llm.json   metadata: source, architecture, dtype, quantization, ...
 
@@ -9,6 +10,17 @@ A model directory holds:
 formats: tf_keras refuses a `.keras` file carrying Python code (a `Lambda`
 layer) by default, but its legacy `.h5` path would run it; here both are
 refused unless the caller passes `safe_mode=False`.
+
+Sparse weights: `save_model_dir(..., sparse=True)` (what `keras-llm
+optimize` writes for a pruned model) replaces the archive's
+`model.weights.h5` by `model.weights.sparse.safetensors`, the same arrays
+packed: an array that is at least a quarter zeros is stored as a bit mask
+plus its nonzero values, and a float32 array whose values are all exact in
+bfloat16 as bfloat16 bits; the member is deflated (level 1). All of it is
+lossless, and the file's size follows the nonzeros; the arrays
+are unpacked into an HDF5 weights file at load, which then goes on as for
+any `.keras` archive. Plain `tf_keras.models.load_model` does not read the
+packed form: `densify(path, out)` writes the plain archive.
 """
 
 import json
@@ -17,11 +29,15 @@ import shutil
 import tempfile
 import zipfile
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from tf_keras.src.saving import serialization_lib
 
 MODEL_FILE = "model.keras"
+WEIGHTS_H5 = "model.weights.h5"
+WEIGHTS_SPARSE = "model.weights.sparse.safetensors"
+_SPARSE_FORMAT = "keras-llm-sparse-weights"
 METADATA_FILE = "keras_llm.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -126,19 +142,131 @@ def _load_keras_archive(path, safe_mode):
     """
     with zipfile.ZipFile(path, "r") as archive:
         names = set(archive.namelist())
-        if "config.json" not in names or "model.weights.h5" not in names:
+        if "config.json" not in names or not names & {WEIGHTS_H5, WEIGHTS_SPARSE}:
             raise ModelFileError(f"{path} is not a Keras model archive "
                                  f"(has {sorted(names)[:4]})")
         config = json.loads(archive.read("config.json"))
         config["compile_config"] = None
         model = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
         with tempfile.TemporaryDirectory(prefix="keras_llm_") as tmp:
-            weights = os.path.join(tmp, "model.weights.h5")
-            with archive.open("model.weights.h5") as source, open(weights, "wb") as target:
-                shutil.copyfileobj(source, target, 16 << 20)
+            weights = extract_weights(archive, os.path.join(tmp, WEIGHTS_H5))
             _widen_bfloat16(weights)
             model.load_weights(weights)
     return model
+
+
+def extract_weights(archive, target):
+    """Write a `.keras` archive's weights to the HDF5 file `target` (unpacked
+    when they are stored sparse); returns `target`."""
+    if WEIGHTS_H5 in archive.namelist():
+        with archive.open(WEIGHTS_H5) as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, 16 << 20)
+    else:
+        _unpack_weights(archive.read(WEIGHTS_SPARSE), target)
+    return target
+
+
+def _exact_in_bfloat16(array):
+    return array.dtype == "float32" and not np.any(array.view(np.uint32) & 0xFFFF)
+
+
+def _pack_weights(h5_path):
+    """The arrays of a tf_keras weights file as sparse safetensors bytes."""
+    import h5py  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+
+    groups, layout, tensors = [], {}, {}
+    with h5py.File(h5_path, "r") as handle:
+        def visit(name, item):
+            if isinstance(item, h5py.Group):
+                groups.append(name)
+                return
+            array = item[()]
+            entry = {"shape": list(array.shape), "dtype": array.dtype.str}
+            if array.dtype.kind == "V":  # tf_keras's opaque bfloat16: keep the bits
+                array = np.frombuffer(array.tobytes(), np.uint16).reshape(array.shape)
+            flat = np.ascontiguousarray(array).reshape(-1)
+            nonzero = flat != 0
+            if flat.size >= 64 and array.dtype.kind in "fiu" and \
+                    np.count_nonzero(nonzero) <= 0.75 * flat.size:
+                tensors[name + "@mask"] = np.packbits(nonzero)
+                flat = flat[nonzero]
+                entry["sparse"] = True
+            if _exact_in_bfloat16(flat):
+                flat = (flat.view(np.uint32) >> 16).astype(np.uint16)
+                entry["bfloat16_bits"] = True
+            tensors[name] = flat
+            layout[name] = entry
+        handle.visititems(visit)
+    return save(tensors, metadata={"format": _SPARSE_FORMAT, "version": "1",
+                                   "groups": json.dumps(groups), "arrays": json.dumps(layout)})
+
+
+def _unpack_weights(data, h5_path):
+    """Write the HDF5 weights file that `_pack_weights` packed."""
+    import h5py  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+
+    # safetensors: an 8-byte little-endian header length, then the JSON
+    # header, whose "__metadata__" holds the layout.
+    try:
+        length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    if metadata.get("format") != _SPARSE_FORMAT:
+        raise ModelFileError(f"{WEIGHTS_SPARSE} is not keras-llm sparse weights")
+    tensors = load(data)
+    with h5py.File(h5_path, "w") as handle:
+        for group in json.loads(metadata["groups"]):
+            handle.require_group(group)
+        for name, entry in json.loads(metadata["arrays"]).items():
+            dtype = np.dtype(entry["dtype"])
+            flat = tensors[name]
+            if entry.get("bfloat16_bits"):
+                flat = (flat.astype(np.uint32) << 16).view(np.float32)
+            size = int(np.prod(entry["shape"], dtype=np.int64))
+            if entry.get("sparse"):
+                nonzero = np.unpackbits(tensors[name + "@mask"], count=size).astype(bool)
+                full = np.zeros(size, flat.dtype)
+                full[nonzero] = flat
+                flat = full
+            if dtype.kind == "V":
+                flat = flat.astype(np.uint16).view(dtype)
+            handle.create_dataset(name, data=flat.astype(dtype, copy=False)
+                                  .reshape(entry["shape"]))
+
+
+def save_sparse(model, path):
+    """Save `model` as a `.keras` archive with its weights packed sparse."""
+    with tempfile.TemporaryDirectory(prefix="keras_llm_") as tmp:
+        dense = os.path.join(tmp, MODEL_FILE)
+        model.save(dense)
+        _repack(dense, path, pack=True)
+    return path
+
+
+def densify(path, target):
+    """Write the plain tf_keras archive of a (possibly sparse) `.keras` file."""
+    _repack(path, target, pack=False)
+    return target
+
+
+def _repack(source, target, pack):
+    with zipfile.ZipFile(source, "r") as archive, tempfile.TemporaryDirectory(
+            prefix="keras_llm_") as tmp:
+        weights = extract_weights(archive, os.path.join(tmp, WEIGHTS_H5))
+        with zipfile.ZipFile(target, "w") as out:
+            for member in archive.namelist():
+                if member not in (WEIGHTS_H5, WEIGHTS_SPARSE):
+                    out.writestr(archive.getinfo(member), archive.read(member))
+            if pack:
+                # Deflate at level 1 on top: cheap, and weights dequantized from
+                # a 4-bit checkpoint (SmolLM2's embedding) repeat a lot.
+                out.writestr(WEIGHTS_SPARSE, _pack_weights(weights),
+                             compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+            else:
+                out.write(weights, WEIGHTS_H5)
 
 
 def _widen_bfloat16(weights_path):
@@ -149,7 +277,6 @@ def _widen_bfloat16(weights_path):
     bfloat16 variables unchanged.
     """
     import h5py  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
 
     with h5py.File(weights_path, "r+") as handle:
         opaque = []
@@ -168,7 +295,7 @@ def _first_line(error):
     return text[0] if text else type(error).__name__
 
 
-def save_model_dir(directory, model, tokenizer, metadata):
+def save_model_dir(directory, model, tokenizer, metadata, sparse=False, saved_file=None):
     """Write a model directory atomically (nothing half-written on failure).
 
     Args:
@@ -176,13 +303,22 @@ def save_model_dir(directory, model, tokenizer, metadata):
         model: the keras model.
         tokenizer: a `BytePairTokenizer`.
         metadata: JSON-serializable dict (source, architecture, dtype, ...).
+        sparse: pack the weights (`save_sparse`): for pruned models.
+        saved_file: `model` already saved as a `.keras` file (moved in, not
+            saved again).
     """
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
     try:
-        model.save(os.path.join(staging, MODEL_FILE))
+        target = os.path.join(staging, MODEL_FILE)
+        if saved_file is not None:
+            shutil.move(saved_file, target)
+        elif sparse:
+            save_sparse(model, target)
+        else:
+            model.save(target)
         tokenizer.save_assets(staging)
         record = {"format": "keras-llm-model", "format_version": FORMAT_VERSION, **metadata}
         with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
