@@ -174,6 +174,11 @@ def build_parser():
     opt.add_argument("--report", required=True, help="JSON report path (Markdown beside it)")
     opt.add_argument("--prune", type=float, default=None, help="target sparsity, e.g. 0.5")
     opt.add_argument("--structure", default="unstructured", help="unstructured or 2:4")
+    opt.add_argument("--prune-method", default="sparsegpt",
+                     help="sparsegpt (default), wanda (both one-shot on teacher text) or "
+                          "magnitude")
+    opt.add_argument("--calibration-sequences", type=_positive_int, default=128,
+                     help="teacher-text sequences SparseGPT and Wanda calibrate on")
     opt.add_argument("--recovery-steps", type=_positive_int, default=0,
                      help="fine-tune steps after pruning (and QAT steps)")
     opt.add_argument("--quantize", default=None, help="int8 (post-training) or qat")
@@ -435,7 +440,8 @@ def cmd_optimize(args):
     from keras_llm.optimize.pipeline import OptimizeOptions, run  # pylint: disable=import-outside-toplevel
 
     options = OptimizeOptions(
-        prune=args.prune, structure=args.structure, recovery_steps=args.recovery_steps,
+        prune=args.prune, structure=args.structure, prune_method=args.prune_method,
+        calibration_sequences=args.calibration_sequences, recovery_steps=args.recovery_steps,
         quantize=args.quantize, distill_layers=args.distill_layers,
         distill_steps=args.distill_steps, dtype=args.dtype, eval_tokens=args.eval_tokens,
         train_tokens=args.train_tokens, speed=args.speed, logdir=args.logdir)

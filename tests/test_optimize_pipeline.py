@@ -38,14 +38,12 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
-def _h5_arrays(model_file):
-    """{dataset path: array} of a saved `.keras` file's weights."""
+def _h5_arrays(model_file, tmp_path):
+    """{dataset path: array} of a saved `.keras` file's weights (sparse or not)."""
     with zipfile.ZipFile(model_file) as archive:
-        data = archive.read("model.weights.h5")
-    import io  # pylint: disable=import-outside-toplevel
-
+        path = saving.extract_weights(archive, str(tmp_path / "weights.h5"))
     arrays = {}
-    with h5py.File(io.BytesIO(data), "r") as handle:
+    with h5py.File(path, "r") as handle:
         handle.visititems(lambda name, item: arrays.__setitem__(name, item[()])
                           if isinstance(item, h5py.Dataset) else None)
     return arrays
@@ -75,7 +73,9 @@ def test_prune_recover_int8_report_and_output(model_dir, tmp_path):
     metadata = json.load(open(out / "keras_llm.json"))
     assert metadata["quantization"] == "int8-per-channel-weights"
     assert metadata["optimize"]["steps"] == ["pruned-50%", "int8"]
-    arrays = _h5_arrays(out / "model.keras")
+    # Pruned: the weights are packed sparse, and load exactly (above).
+    assert saving.WEIGHTS_SPARSE in zipfile.ZipFile(out / "model.keras").namelist()
+    arrays = _h5_arrays(out / "model.keras", tmp_path)
     int8 = {k: v for k, v in arrays.items() if v.dtype == np.int8}
     assert len(int8) == 14  # every projection kernel of both blocks
     # Symmetric int8 keeps pruning's zeros: at least half of each kernel is 0.
@@ -94,6 +94,7 @@ def test_prune_recover_int8_report_and_output(model_dir, tmp_path):
     assert original["mean_kl"] == pytest.approx(0, abs=1e-9)
     assert original["top1_agreement"] == 1.0
     assert pruned["nonzero_params"] < original["nonzero_params"]
+    assert pruned["size_bytes"] < 0.85 * original["size_bytes"]  # stored sparse
     assert pruned["params"] - pruned["nonzero_params"] >= \
         0.5 * sum(v.size for v in int8.values()) - 1
     assert on_disk["eval"]["text"].startswith("B. M. Gardiner")
@@ -132,6 +133,12 @@ def test_two_four_and_unstructured_sparsity_in_saved_file(model_dir, tmp_path):
         **{**FAST, "speed": False})
     stored = measure_sparsity(str(tmp_path / "a" / "model.keras"))
     assert stored["two_four"] and stored["overall"] == pytest.approx(0.5)
+    details = json.load(open(tmp_path / "a.json"))["details"]["pruning"]
+    # SparseGPT by default, calibrated on the teacher's text (at least the
+    # 1024 tokens asked, in windows of 32), not on the evaluation text.
+    assert details["method"] == "sparsegpt"
+    calibration = details["calibration"]
+    assert calibration["sequences"] >= 32 and calibration["tokens"] == 32 * calibration["sequences"]
     # A recovery fine-tune shorter than TF-MOT's 100-step mask frequency
     # still leaves every kernel at least 50% zeros.
     run(model_dir, tmp_path / "b", tmp_path / "b.json", prune=0.5, recovery_steps=4,
@@ -204,6 +211,7 @@ def test_cli_optimize_writes_output_and_report(capsys, model_dir, tmp_path):
     (["--prune", "1.5"], "--prune must be a sparsity in (0, 1)"),
     (["--prune", "0.3", "--structure", "2:4"], "2:4 means 50% sparsity"),
     (["--structure", "3:4", "--prune", "0.5"], "--structure must be one of"),
+    (["--prune", "0.5", "--prune-method", "obs"], "--prune-method must be one of"),
     (["--dtype", "bfloat16", "--quantize", "int8"], "do not combine"),
     (["--quantize", "qat"], "--recovery-steps"),
     (["--quantize", "int4"], "--quantize must be one of"),

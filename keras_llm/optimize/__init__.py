@@ -1,5 +1,6 @@
-"""Model optimization: TF-MOT pruning, int8 weight quantization, distillation,
-16-bit precision, quality metrics, and `run` (the `keras-llm optimize` pipeline).
+"""Model optimization: pruning (SparseGPT, Wanda, TF-MOT magnitude), int8
+weight quantization, distillation, 16-bit precision, quality metrics, and
+`run` (the `keras-llm optimize` pipeline).
 
 `QuantizedDense` (the int8 layer) lives in `keras_llm.layers`, so
 `tf.keras.models.load_model` reads int8 model files once keras_llm is imported.
@@ -7,6 +8,7 @@
 
 from keras_llm.optimize.distill import distill, make_student
 from keras_llm.optimize.metrics import perplexity_and_fidelity
+from keras_llm.optimize.one_shot import prune_one_shot
 from keras_llm.optimize.pipeline import OptimizeOptions, run
 from keras_llm.optimize.precision import cast_model
 from keras_llm.optimize.pruning import measure_sparsity, prune
@@ -24,6 +26,7 @@ __all__ = [
     "measure_sparsity",
     "perplexity_and_fidelity",
     "prune",
+    "prune_one_shot",
     "qat_model",
     "quantization_aware_fine_tune",
     "quantize_kernel",

@@ -5,8 +5,10 @@ Steps, in this order when several are asked for:
 
 1. distillation (`distill_layers`, `distill_steps`): a student with at most
    half the layers, trained on the teacher's distributions;
-2. pruning (`prune`, `structure`, `recovery_steps`): TF-MOT magnitude
-   pruning of the projections, optionally with a recovery fine-tune;
+2. pruning (`prune`, `structure`, `prune_method`, `recovery_steps`): one-shot
+   SparseGPT or Wanda on calibration sequences of teacher text, or TF-MOT
+   magnitude pruning, of the projections; optionally a recovery fine-tune
+   with the masks held by TF-MOT;
 3. quantization (`quantize="int8"` post-training, or `"qat"`, TF-MOT
    quantization-aware training for `recovery_steps`, prune-preserving when the
    model was pruned): int8 `QuantizedDense` weights in `model.keras`, plus
@@ -57,6 +59,9 @@ class OptimizeOptions:
     Args:
         prune: target sparsity of the projections (0 < s < 1), None: no pruning.
         structure: "unstructured" or "2:4" (needs prune=0.5).
+        prune_method: "sparsegpt" (default), "wanda" or "magnitude".
+        calibration_sequences: teacher-text windows of `sequence_length`
+            tokens that SparseGPT and Wanda calibrate on.
         recovery_steps: fine-tune steps after pruning, and QAT steps.
         quantize: None, "int8" (post-training) or "qat".
         distill_layers: student layers (<= half the teacher's), None: no distillation.
@@ -78,6 +83,8 @@ class OptimizeOptions:
 
     prune: float = None
     structure: str = "unstructured"
+    prune_method: str = "sparsegpt"
+    calibration_sequences: int = 128
     recovery_steps: int = 0
     quantize: str = None
     distill_layers: int = None
@@ -101,7 +108,7 @@ class OptimizeOptions:
 
     def validate(self):
         from keras_llm.optimize.precision import DTYPES  # pylint: disable=import-outside-toplevel
-        from keras_llm.optimize.pruning import STRUCTURES  # pylint: disable=import-outside-toplevel
+        from keras_llm.optimize.pruning import METHODS, STRUCTURES  # pylint: disable=import-outside-toplevel
 
         if self.prune is None and self.quantize is None and self.distill_layers is None \
                 and self.dtype is None:
@@ -114,6 +121,9 @@ class OptimizeOptions:
                              f"got {self.structure!r}")
         if self.structure == "2:4" and self.prune not in (None, 0.5):
             raise ValueError(f"--structure 2:4 means 50% sparsity; got --prune {self.prune}")
+        if self.prune_method not in METHODS:
+            raise ValueError(f"--prune-method must be one of {', '.join(METHODS)}, "
+                             f"got {self.prune_method!r}")
         if self.structure == "2:4" and self.prune is None:
             raise ValueError("--structure 2:4 needs --prune 0.5")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
@@ -131,13 +141,18 @@ class OptimizeOptions:
         if self.distill_layers is not None and self.distill_steps < 0:
             raise ValueError("--distill-steps must be >= 0")
         for name in ("recovery_steps", "distill_steps", "eval_tokens", "train_tokens",
-                     "batch_size", "sequence_length", "speed_repeats", "speed_new_tokens",
-                     "speed_prompt_tokens", "eval_sequence_length"):
+                     "batch_size", "sequence_length", "calibration_sequences", "speed_repeats",
+                     "speed_new_tokens", "speed_prompt_tokens", "eval_sequence_length"):
             value = getattr(self, name)
             minimum = 0 if name in ("recovery_steps", "distill_steps") else 1
             if not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= {minimum}, "
                                  f"got {value!r}")
+
+    @property
+    def calibrates(self):
+        """Pruning that needs calibration sequences (SparseGPT, Wanda)."""
+        return self.prune is not None and self.prune_method != "magnitude"
 
     @property
     def trains(self):
@@ -224,8 +239,10 @@ class _Measurer:
         self.prompts_b16 = [ids[i * p:(i + 1) * p] for i in range(16)]
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
-    def keras_row(self, variant, model, file_path=None, notes=()):
-        """A row for a Keras model; saved into scratch when no file is given."""
+    def keras_row(self, variant, model, file_path=None, notes=(), sparse=False):
+        """A row for a Keras model; saved into scratch when no file is given
+        (with its weights packed sparse when `sparse`)."""
+        from keras_llm.saving import save_sparse  # pylint: disable=import-outside-toplevel
         from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
         from keras_llm.runtime.xla import XLABackend  # pylint: disable=import-outside-toplevel
         from keras_llm.optimize.precision import model_dtype  # pylint: disable=import-outside-toplevel
@@ -235,7 +252,7 @@ class _Measurer:
         if file_path is None:
             temporary = tempfile.mkdtemp(prefix="measure-", dir=self.scratch)
             file_path = os.path.join(temporary, "model.keras")
-            model.save(file_path)
+            (save_sparse if sparse else type(model).save)(model, file_path)
         try:
             size, gz = os.path.getsize(file_path), reporting.gzip_size(file_path)
         finally:
@@ -418,8 +435,11 @@ def _run(model_spec, output, report_path, options, staging):
     rows = [measurer.keras_row("original", original, original_file)]
     steps, notes, record = [], [], {}
     train_ids = None
-    if options.trains or options.quantize:
-        tokens = options.train_tokens if options.trains else min(options.train_tokens, 4096)
+    if options.trains or options.quantize or options.calibrates:
+        needed = max(4096 if options.quantize else 0,
+                     options.calibration_sequences * options.sequence_length
+                     if options.calibrates else 0)
+        tokens = options.train_tokens if options.trains else min(options.train_tokens, needed)
         _log(options, f"generating {tokens} tokens of teacher text for training/calibration")
         train_ids = teacher_text.teacher_token_stream(
             lm, tokens, cache_dir=os.path.join(logdir, "teacher_text") if logdir else None,
@@ -458,17 +478,35 @@ def _run(model_spec, output, report_path, options, staging):
 
         label = "pruned-2:4" if options.structure == "2:4" else f"pruned-{options.prune:.0%}"
         recovery = options.recovery_steps if train_batches is not None else 0
-        _log(options, f"pruning {options.structure} to {options.prune:.0%}"
+        calibration = None
+        if options.calibrates:
+            length = options.sequence_length
+            windows = len(train_ids) // length
+            calibration = train_ids[:windows * length].reshape(windows, length)[
+                :options.calibration_sequences]
+        _log(options, f"pruning {options.structure} to {options.prune:.0%} by "
+                      f"{options.prune_method}"
+                      + (f" on {len(calibration)} calibration sequences of {length} tokens"
+                         if calibration is not None else "")
                       + (f", recovery fine-tune {recovery} steps ({describe(strategy)})"
                          if recovery else ", one-shot"))
+
+        def block_done(block, blocks, seconds):
+            if (block + 1) % max(1, blocks // 5) == 0 or block + 1 == blocks:
+                _log(options, f"pruned block {block + 1}/{blocks} ({seconds:.0f}s)")
+
         with strategy.scope():
             current, info = prune(
                 current, options.prune, options.structure,
                 fine_tune_data=train_batches if recovery else None, steps=recovery,
                 learning_rate=options.learning_rate, return_info=True,
-                callbacks=[_Progress("recovery", recovery, options)])
+                callbacks=[_Progress("recovery", recovery, options)],
+                method=options.prune_method, calibration_ids=calibration,
+                progress=block_done)
         steps.append(label)
-        record["pruning"] = {"structure": options.structure, "target_sparsity": options.prune,
+        record["pruning"] = {"label": label, "structure": options.structure,
+                             "target_sparsity": options.prune, "method": options.prune_method,
+                             "calibration": info.get("one_shot"),
                              "recovery_steps": recovery, "layers": "attention and MLP "
                              "projections (query, key, value, attention_output, mlp_gate, "
                              "mlp_up, mlp_down); not the tied embedding/head, not the norms",
@@ -525,16 +563,19 @@ def _run(model_spec, output, report_path, options, staging):
         optimized_from=spec_name, optimize={"steps": steps, **record})
     model_dir = os.path.join(staging, "model")
     _log(options, f"saving {output}")
+    # Pruned weights are stored sparse (mask + nonzeros): `keras_llm.saving`.
+    sparse = options.prune is not None
+    saved = None
     if options.prune is not None and options.quantize is None:
-        # Checked on a plain save first, then recorded in the metadata.
-        probe = os.path.join(scratch, "probe.keras")
-        current.save(probe)
+        # Checked in the file that ships (saved once), then recorded in the metadata.
+        from keras_llm.saving import save_sparse  # pylint: disable=import-outside-toplevel
+
+        saved = save_sparse(current, os.path.join(scratch, "model.keras"))
         metadata["sparsity"] = {"structure": options.structure, "target": options.prune,
-                                **_check_sparsity(probe, options)}
-        os.unlink(probe)
+                                **_check_sparsity(saved, options)}
     elif options.prune is not None:
         metadata["sparsity"] = {"structure": options.structure, "target": options.prune}
-    save_model_dir(model_dir, current, tokenizer, metadata)
+    save_model_dir(model_dir, current, tokenizer, metadata, sparse=sparse, saved_file=saved)
     model_file = os.path.join(model_dir, "model.keras")
 
     tflite = None
@@ -553,7 +594,8 @@ def _run(model_spec, output, report_path, options, staging):
     # ----- rows after each step ---------------------------------------------
     for variant, model, extra in pending:
         final = model is current
-        row = measurer.keras_row(variant, model, model_file if final else None)
+        row = measurer.keras_row(variant, model, model_file if final else None,
+                                 sparse=sparse and record["pruning"]["label"] in variant.split("+"))
         row.update(extra)
         if final and "min_layer" in (metadata.get("sparsity") or {}):
             row["sparsity_on_disk"] = metadata["sparsity"]

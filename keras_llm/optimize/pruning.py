@@ -1,4 +1,6 @@
-"""Magnitude pruning of a keras-llm model with TF-MOT.
+"""Pruning of a keras-llm model: one-shot with calibration data (SparseGPT,
+Wanda: `keras_llm.optimize.one_shot`) or by magnitude, with TF-MOT holding
+the masks through any recovery fine-tune.
 
 Only the attention and MLP projections (`layer_{i}_query|key|value|
 attention_output|mlp_gate|mlp_up|mlp_down`, plain `Dense` layers) are pruned:
@@ -34,11 +36,23 @@ from keras_llm.models.llama import unwrap
 from keras_llm.optimize._common import clone_with, projection_layers, _PROJECTION_RE
 
 STRUCTURES = ("unstructured", "2:4")
-SCHEDULES = ("constant", "polynomial")
+SCHEDULES = ("constant", "polynomial", "fixed")
+# The first is the default: the best measured on SmolLM2 (README, "Optimize").
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+# A pruning step TF-MOT never reaches: the "fixed" schedule keeps the masks
+# it is given.
+_NEVER = 2 ** 30
 
 
 def _pruning_params(structure, target_sparsity, schedule, steps):
     sparsity = tfmot.sparsity.keras
+    if schedule == "fixed":
+        # Masks set from the weights' zeros (`hold_zeros`), never recomputed:
+        # TF-MOT's 2:4 option would recompute them at step 1, so it is not
+        # passed, whatever the structure.
+        return {"pruning_schedule": sparsity.ConstantSparsity(
+            target_sparsity, begin_step=_NEVER, frequency=1)}
     if schedule == "polynomial":
         # Ramp 0 -> target over the first half of the steps; the last mask
         # update must land on end_step, a multiple of the frequency.
@@ -108,6 +122,14 @@ def apply_masks_now(wrapped, step=1):
         wrapper.pruning_obj.weight_mask_op()
 
 
+def hold_zeros(wrapped):
+    """Set every wrapper's mask to the kernel's nonzeros (for the "fixed"
+    schedule): training then keeps each zero at zero."""
+    for wrapper in prunable_wrappers(wrapped):
+        for weight, mask, _ in wrapper.pruning_vars:
+            mask.assign(tf.cast(tf.not_equal(weight, 0), mask.dtype))
+
+
 def _next_token_dataset(batches):
     batches = [np.asarray(b, np.int32) for b in batches]
     if not batches:
@@ -144,15 +166,21 @@ def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0, callbacks=
 
 def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=None,
           steps=100, learning_rate=1e-4, schedule="constant", kinds=None,
-          return_info=False, verbose=0, callbacks=()):
+          return_info=False, verbose=0, callbacks=(), method="magnitude",
+          calibration_ids=None, progress=None):
     """Prune the projection `Dense` kernels of a keras-llm model.
 
     Args:
         model: a keras-llm Functional model (not modified).
         target_sparsity: fraction of zeros in each pruned kernel
             (`structure="2:4"` needs 0.5).
-        structure: "unstructured" (magnitude, per kernel) or "2:4" (in every
-            4 consecutive weights along the input axis, the 2 smallest are 0).
+        structure: "unstructured" (per kernel) or "2:4" (in every 4
+            consecutive weights along the input axis, 2 are 0).
+        method: "magnitude" (TF-MOT's own masks), or "sparsegpt" / "wanda"
+            (one-shot from `calibration_ids`, then masks held fixed by TF-MOT
+            through the fine-tune; `schedule` does not apply).
+        calibration_ids: `(N, T)` token ids for "sparsegpt" and "wanda".
+        progress: `fn(block, blocks, seconds)` during one-shot pruning.
         fine_tune_data: optional list of `(B, T)` token-id arrays for a short
             recovery fine-tune (next-token cross-entropy). None: one-shot.
         steps: fine-tune steps (batches).
@@ -174,15 +202,39 @@ def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=N
         the start and re-applies the masks at each epoch end. A wrapper that
         is not a top-level layer of the model is never found by it.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if fine_tune_data is None and schedule == "polynomial":
         raise ValueError("schedule='polynomial' prunes during training: give fine_tune_data")
     train = fine_tune_data is not None and steps > 0
+    one_shot_info = None
+    if method != "magnitude":
+        if calibration_ids is None:
+            raise ValueError(f"method={method!r} needs calibration_ids (N, T) token ids")
+        if kinds is not None:
+            raise ValueError(f"method={method!r} prunes every projection; kinds is for magnitude")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        from keras_llm.optimize.one_shot import prune_one_shot  # pylint: disable=import-outside-toplevel
+
+        model = clone_with(model, lambda fresh, original: None)
+        one_shot_info = prune_one_shot(model, calibration_ids, target_sparsity, structure,
+                                       method, progress=progress)
+        if not train:
+            info = {"wrappers": [layer.name for layer in projection_layers(model)],
+                    "one_shot": one_shot_info}
+            return (model, info) if return_info else model
+        schedule = "fixed"
     wrapped = wrap_for_pruning(model, target_sparsity, structure, schedule,
                                steps if train else 1, kinds)
     wrappers = prunable_wrappers(wrapped)
     info = {"wrappers": [unwrap(w).name for w in wrappers]}
+    if one_shot_info is not None:
+        info["one_shot"] = one_shot_info
     if schedule == "constant":
         apply_masks_now(wrapped, step=1)
+    elif schedule == "fixed":
+        hold_zeros(wrapped)
     if train:
         before = {unwrap(w).name: int(w.pruning_step.numpy()) for w in wrappers}
         history, callback = fine_tune(wrapped, fine_tune_data, steps, learning_rate, verbose,
@@ -215,12 +267,12 @@ def _kernels_from_file(path):
     """
     import h5py  # pylint: disable=import-outside-toplevel
 
+    from keras_llm.saving import extract_weights  # pylint: disable=import-outside-toplevel
+
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))
         with tempfile.TemporaryDirectory(prefix="keras_llm_") as tmp:
-            weights_path = os.path.join(tmp, "model.weights.h5")
-            with open(weights_path, "wb") as out:
-                out.write(archive.read("model.weights.h5"))
+            weights_path = extract_weights(archive, os.path.join(tmp, "model.weights.h5"))
             with h5py.File(weights_path, "r") as h5:
                 return _match_h5_to_config(h5, config)
 
