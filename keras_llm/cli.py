@@ -191,7 +191,20 @@ def build_parser():
     opt.add_argument("--no-speed", dest="speed", action="store_false",
                      help="skip the decode tokens/s measurements")
     opt.add_argument("--logdir", default=None,
-                     help="checkpoints, TensorBoard scalars, teacher-text cache")
+                     help="checkpoints, TensorBoard scalars, training backups, teacher-text "
+                          "cache")
+    opt.add_argument("--batch-size", type=_positive_int, default=4,
+                     help="global training batch (split over all replicas and workers)")
+    opt.add_argument("--sequence-length", type=_positive_int, default=128,
+                     help="training sequence length")
+    opt.add_argument("--strategy", default="auto",
+                     help="auto (every local GPU, else the CPU), mirrored, or multi_worker "
+                          "(every worker of the TF_CONFIG cluster runs this command)")
+    opt.add_argument("--backup-dir", default=None,
+                     help="where the recovery fine-tune and QAT back up their state "
+                          "(default LOGDIR/backup); a restarted run resumes from it")
+    opt.add_argument("--backup-every", type=_positive_int, default=50,
+                     help="training steps between backups")
     return parser
 
 
@@ -444,8 +457,14 @@ def cmd_optimize(args):
         calibration_sequences=args.calibration_sequences, recovery_steps=args.recovery_steps,
         quantize=args.quantize, distill_layers=args.distill_layers,
         distill_steps=args.distill_steps, dtype=args.dtype, eval_tokens=args.eval_tokens,
-        train_tokens=args.train_tokens, speed=args.speed, logdir=args.logdir)
+        train_tokens=args.train_tokens, speed=args.speed, logdir=args.logdir,
+        batch_size=args.batch_size, sequence_length=args.sequence_length,
+        strategy=args.strategy, backup_dir=args.backup_dir, backup_every=args.backup_every)
     options.validate()  # before loading anything
+    if options.strategy == "multi_worker":
+        from keras_llm.optimize.strategy import training_strategy  # pylint: disable=import-outside-toplevel
+
+        training_strategy(kind="multi_worker")  # before TensorFlow runs anything (loading)
     model = _load(args) if (args.tokenizer or args.unsafe) else args.model
     run(model, args.output, args.report, options)
     print(args.output)

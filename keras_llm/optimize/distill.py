@@ -9,7 +9,9 @@ over every position of the training text (the teacher's own generations,
 `keras_llm.optimize.teacher_text`), with Adam, under a `tf.distribute`
 strategy. Checkpoints (`tf.train.CheckpointManager`) and TensorBoard scalars
 (`loss`, and `eval_perplexity` / `eval_kl` on the evaluation text) go under
-`logdir`; a run with the same logdir resumes from the last checkpoint.
+`logdir`; a run with the same logdir resumes from the last checkpoint. Under
+multi-worker training only the chief writes them (the other workers save
+into a temporary directory that is removed, and all restore the chief's).
 
 Example:
     >>> student = make_student(teacher, num_layers=15)
@@ -18,7 +20,9 @@ Example:
 
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,7 +32,8 @@ import tf_keras as keras
 from keras_llm.models import build_llama, config_from_model
 from keras_llm.models.llama import PROJECTIONS
 from keras_llm.optimize.metrics import perplexity_and_fidelity
-from keras_llm.optimize.pruning import _next_token_dataset
+from keras_llm.optimize.strategy import is_chief
+from keras_llm.optimize.training import next_token_dataset
 
 BLOCK_LAYERS = PROJECTIONS + ("attention_norm", "mlp_norm")
 
@@ -128,7 +133,9 @@ class Distiller(keras.Model):
             scaled = loss / replicas  # gradients are summed over replicas
         variables = self.student.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-        return {"loss": loss}
+        # Keras sums what each replica returns ("auto" reduction): the scaled
+        # per-replica losses add up to the mean over the global batch.
+        return {"loss": scaled}
 
 
 class _CheckpointAndLog(keras.callbacks.Callback):
@@ -195,19 +202,25 @@ def distill(teacher, student, batches, steps, temperature=2.0, learning_rate=3e-
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="distill_step")
     manager = None
     resumed = 0
+    chief = is_chief(strategy)
     if logdir:
         checkpoint = tf.train.Checkpoint(student=student, optimizer=optimizer, step=step)
-        manager = tf.train.CheckpointManager(checkpoint, os.path.join(logdir, "checkpoints"),
-                                             max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint)
+        directory = os.path.join(logdir, "checkpoints")
+        # Every worker saves (as TF's multi-worker pattern asks); only the
+        # chief's copy is kept.
+        manager = tf.train.CheckpointManager(
+            checkpoint, directory if chief else tempfile.mkdtemp(prefix="distill-worker-"),
+            max_to_keep=2)
+        latest = tf.train.latest_checkpoint(directory)
+        if latest:
+            checkpoint.restore(latest)
             resumed = int(step.numpy())
             if verbose:
-                print(f"[optimize] distill: resumed from step {resumed} "
-                      f"({manager.latest_checkpoint})", file=sys.stderr, flush=True)
+                print(f"[optimize] distill: resumed from step {resumed} ({latest})",
+                      file=sys.stderr, flush=True)
     remaining = max(0, int(steps) - resumed)
-    writer = tf.summary.create_file_writer(os.path.join(logdir, "distill")) if logdir \
-        else tf.summary.create_noop_writer()
+    writer = tf.summary.create_file_writer(os.path.join(logdir, "distill")) \
+        if logdir and chief else tf.summary.create_noop_writer()
 
     def evaluate():
         return perplexity_and_fidelity(student, teacher, eval_batches)
@@ -218,12 +231,15 @@ def distill(teacher, student, batches, steps, temperature=2.0, learning_rate=3e-
 
     callback = _CheckpointAndLog(manager, writer, resumed, int(steps), checkpoint_every,
                                  evaluate if eval_batches else None, eval_every, verbose)
-    if remaining:
-        # Skip the batches the resumed run already consumed.
-        offset = resumed % len(batches)
-        ordered = list(batches[offset:]) + list(batches[:offset])
-        distiller.fit(_next_token_dataset(ordered), steps_per_epoch=remaining, epochs=1,
-                      callbacks=[_Step(), callback], verbose=0)
+    try:
+        if remaining:
+            # Skip the batches the resumed run already consumed.
+            distiller.fit(next_token_dataset(batches, offset=resumed),
+                          steps_per_epoch=remaining, epochs=1,
+                          callbacks=[_Step(), callback], verbose=0)
+    finally:
+        if manager is not None and not chief:
+            shutil.rmtree(manager.directory, ignore_errors=True)
     return {"steps_run": remaining, "resumed_from": resumed, "losses": callback.losses,
             "final_loss": callback.losses[-1] if callback.losses else None,
             "temperature": float(temperature)}

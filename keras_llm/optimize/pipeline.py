@@ -23,6 +23,14 @@ The report has a row for the original model and one after each step (plus
 teacher's generations (`keras_llm.optimize.teacher_text`); quality is measured
 on the evaluation text (`keras_llm.optimize.evaluation`).
 
+With `strategy="multi_worker"` every worker of the `TF_CONFIG` cluster runs
+the same command; training is shared, and only the chief publishes the
+output, the report and TensorBoard scalars (the others work in a staging
+directory that is removed). The recovery fine-tune and QAT back up their state
+every `backup_every` steps under `backup_dir` (default `<logdir>/backup`); a
+restarted run redoes the steps before the interrupted training (same
+result) and resumes that training from its backup.
+
 Everything is written into a staging directory beside `output` and renamed at
 the end: an error or Ctrl-C leaves neither `output` nor the report.
 
@@ -42,11 +50,15 @@ import threading
 import time
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from keras_llm.optimize import evaluation, report as reporting, teacher_text
 from keras_llm.optimize._common import clone_with
-from keras_llm.optimize.strategy import describe, training_strategy
+from keras_llm.optimize.strategy import (STRATEGIES, cluster_from_env, describe, is_chief,
+                                         is_multi_worker, task_name, training_strategy)
+from keras_llm.optimize.training import (StepLosses, remove_empty_dirs, resume_step,
+                                         weights_digest)
 from keras_llm.runtime import artifacts
 
 QUANTIZE_MODES = ("int8", "qat")
@@ -70,9 +82,17 @@ class OptimizeOptions:
         eval_tokens: next-token predictions scored on the evaluation text.
         train_tokens: tokens of teacher text to generate for training.
         speed: measure decode tokens/s (batch 1 and 16).
-        logdir: distillation checkpoints and TensorBoard scalars, and the
-            teacher-text cache (default: `<output>.logs` when distilling).
-        batch_size, sequence_length: training batches.
+        logdir: distillation checkpoints, TensorBoard scalars, training
+            backups and the teacher-text cache (default: `<output>.logs` when
+            distilling or training on several workers).
+        strategy: "auto" (every local GPU, else the CPU), "mirrored" or
+            "multi_worker" (`MultiWorkerMirroredStrategy` over `TF_CONFIG`).
+        backup_dir: `BackupAndRestore` directory of the recovery fine-tune and
+            QAT (default `<logdir>/backup`, none without a logdir); storage
+            every worker sees under multi_worker.
+        backup_every: steps between backups.
+        batch_size, sequence_length: training batches (`batch_size` is the
+            global batch, split over all replicas of all workers).
         learning_rate: recovery fine-tune and QAT; distill_learning_rate for distillation.
         temperature: distillation temperature.
         eval_sequence_length: window length of the evaluation text.
@@ -104,6 +124,9 @@ class OptimizeOptions:
     speed_new_tokens: int = 128
     speed_repeats: int = 3
     devices: tuple = None
+    strategy: str = "auto"
+    backup_dir: str = None
+    backup_every: int = 50
     verbose: bool = True
 
     def validate(self):
@@ -140,9 +163,14 @@ class OptimizeOptions:
             raise ValueError(f"--distill-layers must be >= 1, got {self.distill_layers}")
         if self.distill_layers is not None and self.distill_steps < 0:
             raise ValueError("--distill-steps must be >= 0")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.strategy!r}")
+        if self.strategy == "multi_worker":
+            cluster_from_env()
         for name in ("recovery_steps", "distill_steps", "eval_tokens", "train_tokens",
-                     "batch_size", "sequence_length", "calibration_sequences", "speed_repeats",
-                     "speed_new_tokens", "speed_prompt_tokens", "eval_sequence_length"):
+                     "batch_size", "backup_every", "sequence_length", "calibration_sequences",
+                     "speed_repeats", "speed_new_tokens", "speed_prompt_tokens", "eval_sequence_length"):
             value = getattr(self, name)
             minimum = 0 if name in ("recovery_steps", "distill_steps") else 1
             if not isinstance(value, (int, np.integer)) or value < minimum:
@@ -205,6 +233,37 @@ class _Progress(keras.callbacks.Callback):
             loss = "-" if loss is None else f"{float(loss):.4f}"
             _log(self.options, f"{self.label} step {step}/{self.total} loss {loss} "
                                f"({time.perf_counter() - self.start:.0f}s)")
+
+
+class _TrainingLogs:
+    """What the pipeline adds to one training step (`label`): progress,
+    per-step losses as TensorBoard scalars (`<logdir>/<label>`, chief only),
+    the backup directory (`<backups>/<label>`) and, afterwards, its cleanup
+    and a digest of the trained weights on every worker."""
+
+    def __init__(self, label, total, options, strategy, logdir, backups):
+        self.label, self.options, self.strategy, self.backups = label, options, strategy, backups
+        self.backup_dir = os.path.join(backups, label) if backups else None
+        self.resumed_from = resume_step(self.backup_dir)
+        if self.resumed_from:
+            _log(options, f"{label}: resuming from the backup at step "
+                          f"{self.resumed_from}/{total} ({self.backup_dir})")
+        writer = None
+        if logdir and is_chief(strategy):
+            writer = tf.summary.create_file_writer(os.path.join(logdir, label))
+        self.losses = StepLosses(writer)
+        self.callbacks = [_Progress(label, total, options), self.losses]
+
+    def done(self, model):
+        if self.losses.writer is not None:
+            self.losses.writer.close()
+        if self.backup_dir:
+            remove_empty_dirs(self.backup_dir, self.backups)
+        if is_multi_worker(self.strategy):
+            _log(self.options, f"{self.label}: trained weights sha1 {weights_digest(model)} "
+                               f"({task_name(self.strategy)})")
+        return {"resumed_from": self.resumed_from,
+                "final_loss": self.losses.losses[-1] if self.losses.losses else None}
 
 
 def _litert_int8(model, path, calibration_ids):
@@ -364,14 +423,28 @@ def run(model, output, report_path, options=None, **kwargs):
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     os.makedirs(os.path.dirname(report_path), exist_ok=True)
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
+    strategy = training_strategy(options.devices, options.strategy)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.staging-", dir=parent)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     _INTERRUPTED.clear()
     _TRAINING.clear()
     try:
-        report, staged = _run(model, output, report_path, options, staging)
-        _publish(staging, output, staged)
+        try:
+            report, staged = _run(model, output, report_path, options, staging, strategy)
+        except (tf.errors.UnavailableError, tf.errors.AbortedError,
+                tf.errors.DeadlineExceededError) as error:
+            if not is_multi_worker(strategy):
+                raise
+            raise RuntimeError(
+                f"{task_name(strategy)}: lost a worker of the cluster ({type(error).__name__}); "
+                "MultiWorkerMirroredStrategy cannot go on without it. Restart every worker "
+                "with the same command: training resumes from its backup") from error
+        if is_chief(strategy):
+            _publish(staging, output, staged)
+        else:
+            _log(options, f"{task_name(strategy)}: not the chief, nothing published")
         return report
     finally:
         _TRAINING.clear()
@@ -406,7 +479,7 @@ def _publish(staging, output, staged):
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _run(model_spec, output, report_path, options, staging):
+def _run(model_spec, output, report_path, options, staging, strategy):
     from keras_llm.language_model import LanguageModel, load  # pylint: disable=import-outside-toplevel
     from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
     from keras_llm.saving import save_model_dir  # pylint: disable=import-outside-toplevel
@@ -425,8 +498,12 @@ def _run(model_spec, output, report_path, options, staging):
                          f"(<= {config.num_layers // 2})")
     scratch = os.path.join(staging, "scratch")
     os.makedirs(scratch)
-    logdir = options.logdir or (output + ".logs" if options.distill_layers else None)
-    strategy = training_strategy(options.devices)
+    multi_worker = is_multi_worker(strategy)
+    logdir = options.logdir or (output + ".logs" if options.distill_layers or multi_worker
+                                else None)
+    backups = options.backup_dir or (os.path.join(logdir, "backup") if logdir else None)
+    if multi_worker:
+        _log(options, f"{task_name(strategy)}, {describe(strategy)}")
     measurer = _Measurer(original, tokenizer, options, scratch)
 
     # The original's own file when it has one (no second save to measure).
@@ -495,14 +572,18 @@ def _run(model_spec, output, report_path, options, staging):
             if (block + 1) % max(1, blocks // 5) == 0 or block + 1 == blocks:
                 _log(options, f"pruned block {block + 1}/{blocks} ({seconds:.0f}s)")
 
+        logs = _TrainingLogs("recovery", recovery, options, strategy, logdir, backups) \
+            if recovery else None
         with strategy.scope():
             current, info = prune(
                 current, options.prune, options.structure,
                 fine_tune_data=train_batches if recovery else None, steps=recovery,
                 learning_rate=options.learning_rate, return_info=True,
-                callbacks=[_Progress("recovery", recovery, options)],
-                method=options.prune_method, calibration_ids=calibration,
-                progress=block_done)
+                callbacks=logs.callbacks if logs else (), method=options.prune_method,
+                calibration_ids=calibration, progress=block_done,
+                backup_dir=logs.backup_dir if logs else None,
+                backup_every=options.backup_every)
+        trained = logs.done(current) if logs else {}
         steps.append(label)
         record["pruning"] = {"label": label, "structure": options.structure,
                              "target_sparsity": options.prune, "method": options.prune_method,
@@ -512,7 +593,8 @@ def _run(model_spec, output, report_path, options, staging):
                              "mlp_up, mlp_down); not the tied embedding/head, not the norms",
                              "wrappers": len(info["wrappers"]),
                              "update_pruning_step_reached": len(info.get("callback_reached",
-                                                                         info["wrappers"]))}
+                                                                         info["wrappers"])),
+                             **trained}
         pending.append((_variant_name(steps), current, {"pruning": record["pruning"]}))
 
     float_model = current
@@ -524,12 +606,15 @@ def _run(model_spec, output, report_path, options, staging):
             _log(options, f"quantization-aware training, {options.recovery_steps} steps "
                           f"({describe(strategy)})"
                           + (", prune-preserving" if options.prune is not None else ""))
+            logs = _TrainingLogs("qat", options.recovery_steps, options, strategy, logdir,
+                                 backups)
             with strategy.scope():
                 current, wrapped = quantization_aware_fine_tune(
                     float_model, train_batches, options.recovery_steps, options.learning_rate,
-                    preserve_zeros=options.prune is not None,
-                    callbacks=[_Progress("qat", options.recovery_steps, options)])
+                    preserve_zeros=options.prune is not None, callbacks=logs.callbacks,
+                    backup_dir=logs.backup_dir, backup_every=options.backup_every)
                 float_model = float_model_from_qat(wrapped, float_model)
+            record["qat"] = logs.done(current)
             steps.append("qat-int8")
         else:
             _log(options, "post-training int8 weight quantization")
@@ -562,7 +647,8 @@ def _run(model_spec, output, report_path, options, staging):
         quantization=("int8-per-channel-weights" if options.quantize else None),
         optimized_from=spec_name, optimize={"steps": steps, **record})
     model_dir = os.path.join(staging, "model")
-    _log(options, f"saving {output}")
+    _log(options, f"saving {output}" if is_chief(strategy) else
+         "saving into the staging directory (removed: only the chief publishes)")
     # Pruned weights are stored sparse (mask + nonzeros): `keras_llm.saving`.
     sparse = options.prune is not None
     saved = None

@@ -34,6 +34,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wra
 
 from keras_llm.models.llama import unwrap
 from keras_llm.optimize._common import clone_with, projection_layers, _PROJECTION_RE
+from keras_llm.optimize.training import fit_steps
 
 STRUCTURES = ("unstructured", "2:4")
 SCHEDULES = ("constant", "polynomial", "fixed")
@@ -130,44 +131,29 @@ def hold_zeros(wrapped):
             mask.assign(tf.cast(tf.not_equal(weight, 0), mask.dtype))
 
 
-def _next_token_dataset(batches):
-    batches = [np.asarray(b, np.int32) for b in batches]
-    if not batches:
-        raise ValueError("fine_tune_data is empty")
-    for b in batches:
-        if b.ndim != 2 or b.shape[1] < 2:
-            raise ValueError(f"fine-tune batches must be (B, T>=2) token ids, got {b.shape}")
-
-    def generate():
-        while True:
-            for b in batches:
-                yield b[:, :-1], b[:, 1:]
-
-    spec = tf.TensorSpec([None, None], tf.int32)
-    return tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
-
-
-def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0, callbacks=()):
+def fine_tune(wrapped, batches, steps, learning_rate=1e-4, verbose=0, callbacks=(),
+              backup_dir=None, backup_every=50):
     """Next-token cross-entropy training of a wrapped model, `steps` batches.
 
-    `batches`: a list of `(B, T)` token-id arrays, cycled. Runs
-    `model.fit(..., callbacks=[UpdatePruningStep()])` and returns
-    `(history, callback)`; the callback's `prunable_layers` lists the
-    wrappers it reached.
+    `batches`: a list of `(B, T)` token-id arrays, cycled (B is the global
+    batch). Runs `keras_llm.optimize.training.fit_steps` with
+    `UpdatePruningStep()`, resuming from `backup_dir` when it holds a backup,
+    and returns `(history, callback, resumed_from)`; the callback's
+    `prunable_layers` lists the wrappers it reached.
     """
     wrapped.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     callback = tfmot.sparsity.keras.UpdatePruningStep()
-    history = wrapped.fit(_next_token_dataset(batches), steps_per_epoch=int(steps),
-                          epochs=1, callbacks=[callback, *callbacks], verbose=verbose)
-    return history, callback
+    history, resumed = fit_steps(wrapped, batches, steps, [callback, *callbacks], verbose,
+                                 backup_dir, backup_every)
+    return history, callback, resumed
 
 
 def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=None,
           steps=100, learning_rate=1e-4, schedule="constant", kinds=None,
           return_info=False, verbose=0, callbacks=(), method="magnitude",
-          calibration_ids=None, progress=None):
+          calibration_ids=None, progress=None, backup_dir=None, backup_every=50):
     """Prune the projection `Dense` kernels of a keras-llm model.
 
     Args:
@@ -191,6 +177,9 @@ def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=N
         kinds: which projections, e.g. ("mlp_gate", "mlp_up"); None: all 7.
         return_info: also return a dict: wrappers reached, step counters.
         callbacks: extra Keras callbacks for the fine-tune (progress, ...).
+        backup_dir, backup_every: `BackupAndRestore` of the fine-tune
+            (`keras_llm.optimize.training.fit_steps`); a run given the
+            directory of an interrupted one goes on from its last backup.
 
     Returns:
         The pruned model, wrappers stripped (plain `Dense` layers with zeros),
@@ -237,12 +226,12 @@ def prune(model, target_sparsity=0.5, structure="unstructured", fine_tune_data=N
         hold_zeros(wrapped)
     if train:
         before = {unwrap(w).name: int(w.pruning_step.numpy()) for w in wrappers}
-        history, callback = fine_tune(wrapped, fine_tune_data, steps, learning_rate, verbose,
-                                      callbacks)
+        history, callback, resumed = fine_tune(wrapped, fine_tune_data, steps, learning_rate,
+                                               verbose, callbacks, backup_dir, backup_every)
         after = {unwrap(w).name: int(w.pruning_step.numpy()) for w in wrappers}
         info.update(
             callback_reached=sorted(unwrap(w).name for w in callback.prunable_layers),
-            steps_before=before, steps_after=after,
+            steps_before=before, steps_after=after, resumed_from=resumed,
             loss=[float(v) for v in history.history.get("loss", [])])
     # Make sure the stored weights are weights * mask (TF-MOT does this at
     # epoch end; a one-shot run never trains).

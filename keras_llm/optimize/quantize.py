@@ -231,26 +231,29 @@ def qat_kernels(wrapped, kinds=None):
 
 
 def quantization_aware_fine_tune(model, batches, steps, learning_rate=1e-4, kinds=None,
-                                 verbose=0, preserve_zeros=False, callbacks=()):
+                                 verbose=0, preserve_zeros=False, callbacks=(),
+                                 backup_dir=None, backup_every=50):
     """Short QAT (next-token cross-entropy) and int8 export.
 
     Args:
         preserve_zeros: keep the zeros of a pruned `model` through training
             (`KeepZeros`): prune-preserving quantization.
         callbacks: extra Keras callbacks (progress, ...).
+        backup_dir, backup_every: `BackupAndRestore` of the training
+            (`keras_llm.optimize.training.fit_steps`).
 
     Returns:
         `(int8 model, qat model)`: the first is `quantize_model` of the
         trained float weights (what is saved), the second the TF-MOT model.
     """
-    from keras_llm.optimize.pruning import _next_token_dataset  # pylint: disable=import-outside-toplevel
+    from keras_llm.optimize.training import fit_steps  # pylint: disable=import-outside-toplevel
 
     wrapped = qat_model(model, kinds)
     wrapped.compile(optimizer=keras.optimizers.Adam(learning_rate),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     extra = [KeepZeros(qat_kernels(wrapped, kinds))] if preserve_zeros else []
-    wrapped.fit(_next_token_dataset(batches), steps_per_epoch=int(steps), epochs=1,
-                verbose=verbose, callbacks=extra + list(callbacks))
+    fit_steps(wrapped, batches, steps, extra + list(callbacks), verbose, backup_dir,
+              backup_every)
     # The weight quantizers' ranges were read before the last optimizer
     # update; one training-mode call refreshes them so `wrapped` computes
     # what the int8 model does.
