@@ -1,6 +1,7 @@
 """Test helpers shared by the suite: tiny models and round-trip checks."""
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,19 @@ from keras_llm.config import LlamaConfig
 from keras_llm.models import build_llama
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_ports(count=1):
+    """`count` distinct loopback ports free at the time of the call (all
+    bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 REFERENCE = REPO / "tests" / "data" / "smollm2_reference.json"
 
 

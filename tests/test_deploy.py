@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from referencing import Registry, Resource
 
 from keras_llm.serving.server import build_parser
+from tests.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -437,12 +437,6 @@ def test_the_kserve_runtime_matches_the_server_and_the_inference_service():
 
 # ----- a real server, started as the pod starts it -----------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url):
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -460,7 +454,7 @@ def test_a_server_started_as_the_pod_answers_probes_healthcheck_and_scrape(tmp_p
     env = {**os.environ, **dockerfile_env(), **env_of(c)}
     export_model(tiny_language_model(seed=5, merges=["h e"]), tmp_path / "models",
                  env["MODEL_NAME"], max_new_tokens=4, progress=False)
-    grpc_port, rest_port = _free_port(), _free_port()
+    grpc_port, rest_port = free_ports(2)
     (tmp_path / "home").mkdir()
     env.update(MODEL_BASE_PATH=str(tmp_path / "models"), GRPC_PORT=str(grpc_port),
                REST_API_PORT=str(rest_port), KERAS_LLM_HOST="127.0.0.1",

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import keras_llm
 from keras_llm import cli, saving
 from keras_llm.optimize import teacher_text
 from keras_llm.optimize.strategy import cluster_from_env, training_strategy
-from tests.helpers import REPO, byte_level_tokenizer, tiny_model
+from tests.helpers import REPO, byte_level_tokenizer, free_ports, tiny_model
 
 STEPS = 16
 TRAIN_TOKENS = 640
@@ -46,17 +45,6 @@ def _optimize_args(model_dir, run_dir):
             "--train-tokens", str(TRAIN_TOKENS), "--eval-tokens", "64", "--no-speed",
             "--batch-size", "4", "--sequence-length", "16", "--logdir", str(run_dir / "logs"),
             "--backup-every", "1"]
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class _Cluster:
@@ -81,7 +69,7 @@ class _Cluster:
         return process
 
     def workers(self, args, run_dir, prefix):
-        ports = _free_ports(2)
+        ports = free_ports(2)
         cluster = {"worker": [f"localhost:{port}" for port in ports]}
         return [self.start(args, run_dir, f"{prefix}{i}",
                            {"cluster": cluster, "task": {"type": "worker", "index": i}})

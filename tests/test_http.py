@@ -410,7 +410,7 @@ def test_tf_serving_docs_command_line(export_dir, tmp_path):
     import sys
     import time
 
-    from tests.test_serving_lifecycle import _free_port
+    from tests.helpers import free_ports
 
     batching = tmp_path / "batching.pbtxt"
     batching.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 0 }\n"
@@ -418,7 +418,7 @@ def test_tf_serving_docs_command_line(export_dir, tmp_path):
     monitoring = tmp_path / "monitoring.config"
     monitoring.write_text('prometheus_config {\n  enable: true,\n'
                           '  path: "/monitoring/prometheus/metrics"\n}\n')
-    port, rest = _free_port(), _free_port()
+    port, rest = free_ports(2)
     command = [sys.executable, "-m", "keras_llm.cli", "serve", f"--port={port}",
                f"--rest_api_port={rest}", "--model_name=tiny",
                f"--model_base_path={export_dir}", "--enable_batching",

@@ -18,7 +18,8 @@ from keras_llm.serving.engine import EngineConfig
 from keras_llm.serving.server import Server
 from tests.helpers import REPO
 from tests.test_http_security import _ssl_config_file, pki  # noqa: F401  pylint: disable=unused-import
-from tests.test_serving_lifecycle import _free_port, tiny_lm
+from tests.helpers import free_ports
+from tests.test_serving_lifecycle import tiny_lm
 
 NEW = 6  # new tokens of the short requests (and the export's, for Predict)
 LONG = 200  # of the streams open while the replica dies
@@ -31,7 +32,7 @@ class Replica:
     would stall it)."""
 
     def __init__(self, model_path, log_path):
-        self.port, self.metrics_port = _free_port(), _free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.log = open(log_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
         self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
             [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(self.port),

@@ -17,7 +17,7 @@ from keras_llm.export.saved_model import export_model
 from keras_llm.serving.client import Client
 from keras_llm.serving.engine import EngineConfig
 from keras_llm.serving.server import Server
-from tests.helpers import REPO, tiny_language_model
+from tests.helpers import REPO, free_ports, tiny_language_model
 
 
 def tiny_lm(seed):
@@ -92,15 +92,9 @@ def test_model_config_file_serves_several_models(tmp_path):
         server.drain(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_running_requests(tmp_path):
     export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
-    port, profiler_port = _free_port(), _free_port()
+    port, profiler_port = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port), "--model_name", "m",
          "--model_base_path", str(tmp_path / "m"), "--max_slots", "2", "--max_length", "256",
@@ -261,7 +255,7 @@ def test_missing_model_config_file_keeps_the_server_up_until_it_reads(tmp_path):
     import httpx
 
     config_path = tmp_path / "models.config"
-    port, rest = _free_port(), _free_port()
+    port, rest = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "keras_llm.cli", "serve", f"--port={port}",
          f"--rest_api_port={rest}", f"--model_config_file={config_path}",
