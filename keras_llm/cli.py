@@ -131,7 +131,9 @@ def build_parser():
     for name, text in (("client", "send one prompt to a keras-llm server"),
                        ("chat", "chat with a keras-llm server in the terminal")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--target", default="127.0.0.1:8500", help="host:port of the server")
+        sub.add_argument("--target", default="127.0.0.1:8500",
+                         help="host:port of the server; several, comma-separated, or "
+                              "dns:///NAME:PORT to balance over replicas")
         sub.add_argument("--model_name", "--model-name", dest="model_name", default="")
         sub.add_argument("--max-new-tokens", type=_positive_int, default=256)
         sub.add_argument("--temperature", type=float, default=0.0)
