@@ -6,7 +6,8 @@ start to SERVING on an export, and concurrent TF Serving `Predict` calls and
     python -m benchmarks.first_minute cli --gguf smollm2-f32.gguf [--rounds 3]
     python -m benchmarks.first_minute serve --model_base_path DIR --model_name NAME \\
         [--streams 16] [--new-tokens 128]
-    python -m benchmarks.first_minute decode [--litert FILE ...] [--rounds 3]
+    python -m benchmarks.first_minute decode [--litert FILE ...] [--against f32|q8_0|shipped]
+        [--rounds 3]
 
 Each figure is a median over rounds; the CLI rounds alternate keras-llm and
 llama.cpp so that machine noise hits both alike. Prints one JSON object.
@@ -139,7 +140,8 @@ def decode_one(args):
     if args.engine.startswith("llama.cpp"):
         from benchmarks import llama_cpp  # pylint: disable=import-outside-toplevel
         engine = {"llama.cpp-f32": llama_cpp.LlamaCppF32Engine,
-                  "llama.cpp-q8_0": llama_cpp.LlamaCppQ80Engine}[args.engine](settings)
+                  "llama.cpp-q8_0": llama_cpp.LlamaCppQ80Engine,
+                  "llama.cpp-shipped": llama_cpp.LlamaCppShippedEngine}[args.engine](settings)
         engine.prepare()
         engine.setup()
         generate = engine.generate
@@ -169,9 +171,10 @@ def decode_one(args):
 
 def decode(args):
     """`decode-one` for each engine in its own process, alternating rounds."""
-    engines = {"keras-llm-f32": [], "llama.cpp-f32": []}
-    if args.litert:
-        engines = {"keras-llm-int8": ["--litert", *args.litert], "llama.cpp-q8_0": []}
+    against = args.against or ("q8_0" if args.litert else "f32")
+    ours = ["--litert", *args.litert] if args.litert else []
+    engines = {"keras-llm" + ("-litert-files" if args.litert else "-f32"): ours,
+               f"llama.cpp-{against}": []}
     results = {name: [] for name in engines}
     for _ in range(args.rounds):
         for name, extra in engines.items():
@@ -207,8 +210,12 @@ def main(argv=None):
     d = commands.add_parser("decode")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--litert", nargs="+", default=None,
-                   help="LiteRT files to run (int8, against llama.cpp Q8_0); default: the "
-                        "model's own files (float32, against llama.cpp F32)")
+                   help="LiteRT files to run (e.g. int8 or int4); default: the model's own "
+                        "files (float32)")
+    d.add_argument("--against", choices=("f32", "q8_0", "shipped"), default=None,
+                   help="llama.cpp's file: F32 or Q8_0 rewrites of the model's GGUF, or the "
+                        "shipped GGUF itself (SmolLM2's is Q4_1); default q8_0 with --litert, "
+                        "else f32")
     d.add_argument("--rounds", type=int, default=3)
     one = commands.add_parser("decode-one")
     one.add_argument("--engine", required=True)

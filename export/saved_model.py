@@ -294,8 +294,8 @@ def export_model(model, model_base_path, model_name, version=None, max_new_token
         warmup: write `assets.extra/tf_serving_warmup_requests`.
         litert: also write `assets.extra/litert/model.tflite`, the same model
             converted for keras-llm's server (see `keras_llm.litert`):
-            "auto" (int8 for an int8-quantized model, else float32),
-            "float32", "float16", "int8", or None for none. TF Serving
+            "auto" (int8 or int4 for a model quantized so, else float32),
+            "float32", "float16", "int8", "int4", or None for none. TF Serving
             ignores it.
         litert_batch_sizes: decode batch sizes of that file (its largest is
             the server's slot count).
@@ -475,8 +475,8 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
     metadata asset. int8 smoothing calibrates on `litert.CALIBRATION_TEXT`
     (its first 128 tokens, as the benchmark's in-process LiteRT engine)."""
     from keras_llm import litert  # pylint: disable=import-outside-toplevel
-    if precision not in ("float32", "float16", "int8"):
-        raise ExportError(f"litert must be float32, float16 or int8, got {precision!r}")
+    if precision not in ("float32", "float16", "int8", "int4"):
+        raise ExportError(f"litert must be float32, float16, int8 or int4, got {precision!r}")
     defaults = artifacts.DEFAULT_LITERT
     batch_sizes = defaults["batch_sizes"] if batch_sizes is None else batch_sizes
     max_length = min(int(defaults["max_length"] if max_length is None else max_length),
@@ -498,7 +498,8 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
                                quantization=None if precision == "float32" else precision,
                                max_length=max_length, batch_sizes=batch_sizes,
                                prefill_length=options["prefill_length"],
-                               calibration_ids=litert.calibration_ids(lm.tokenizer),
+                               calibration_ids=(litert.calibration_ids(lm.tokenizer)
+                                                if precision in ("int8", "int4") else None),
                                lengths=lengths, split=True)
     metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
                           "files": [os.path.relpath(p, staging) for p in paths],

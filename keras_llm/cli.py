@@ -114,9 +114,10 @@ def build_parser():
     exp.add_argument("--chat", action="store_true",
                      help="apply the chat template to string prompts inside the graph")
     exp.add_argument("--no-warmup", dest="warmup", action="store_false")
-    exp.add_argument("--litert", choices=("auto", "float32", "float16", "int8"), default="auto",
+    exp.add_argument("--litert", choices=("auto", "float32", "float16", "int8", "int4"),
+                     default="auto",
                      help="precision of the LiteRT file keras-llm serve decodes with (auto: "
-                          "int8 for an int8-quantized model, else float32)")
+                          "int8 or int4 for a model quantized so, else float32)")
     exp.add_argument("--no-litert", dest="litert", action="store_const", const=None,
                      help="leave the LiteRT file out (the server then decodes with XLA)")
     exp.add_argument("--litert-batch-sizes", default=None,
@@ -183,7 +184,9 @@ def build_parser():
                      help="teacher-text sequences SparseGPT and Wanda calibrate on")
     opt.add_argument("--recovery-steps", type=_positive_int, default=0,
                      help="fine-tune steps after pruning (and QAT steps)")
-    opt.add_argument("--quantize", default=None, help="int8 (post-training) or qat")
+    opt.add_argument("--quantize", default=None,
+                     help="int8 (post-training), qat, or int4 (4-bit LiteRT weights by blocks "
+                          "of 32: a Q4_1 GGUF's own codes)")
     opt.add_argument("--distill-layers", type=int, default=None,
                      help="student layers (at most half the teacher's)")
     opt.add_argument("--distill-steps", type=_positive_int, default=0)

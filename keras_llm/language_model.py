@@ -214,8 +214,9 @@ class LanguageModel:
                     or artifacts.cached_litert(self.source, precision))
             if path is None:
                 try:
-                    # The tokenizer only calibrates int8 (a user's model may have none).
-                    tokenizer = self.tokenizer if precision == "int8" else None
+                    # The tokenizer only calibrates int8/int4 smoothing (a user's model
+                    # may have none).
+                    tokenizer = self.tokenizer if precision in ("int8", "int4") else None
                     model = self.model if model is None else model
                     path = artifacts.build_litert(self.source, model, tokenizer,
                                                   precision, progress=self.progress)
@@ -227,7 +228,7 @@ class LanguageModel:
             if path is not None:
                 return LiteRTBackend(path, num_threads=self.num_threads, dtype=precision)
         elif self.backend_name == "litert":
-            raise ValueError("the LiteRT backend needs a float32 or int8 model with a directory "
+            raise ValueError("the LiteRT backend needs a float32, int8 or int4 model with a directory "
                              "or file to keep its LiteRT file in (pass source=...)")
         from keras_llm.runtime.xla import XLABackend, use_persistent_cache  # pylint: disable=import-outside-toplevel
         if self.source is not None:  # a model with a home: keep its compiled programs too

@@ -52,10 +52,11 @@ import tf_keras as keras
 
 from keras_llm.layers import KVCacheContext
 from keras_llm.litert_fusion import fuse_projections, split_signatures
+from keras_llm.litert_int4 import BLOCK as INT4_BLOCK, quantize_int4
 from keras_llm.runtime.litert import LiteRTRunner  # noqa: F401  (re-exported)
 from keras_llm.models import config_from_model, find_layer
 
-QUANTIZATIONS = (None, "float16", "int8")
+QUANTIZATIONS = (None, "float16", "int8", "int4")
 
 # Calibration text for the int8 smoothing when the caller has none: ordinary
 # English prose written for this project (so never a benchmark's test text).
@@ -148,7 +149,7 @@ def _calibration_ids(config, calibration_ids):
     return rng.integers(0, config.vocabulary_size, size=(2, 64), dtype=np.int32)
 
 
-def smooth(model, calibration_ids=None, alpha=0.5):
+def smooth(model, calibration_ids=None, alpha=0.5, block=None):
     """A copy of `model` with SmoothQuant per-channel scales folded in.
 
     For each layer, the inputs of the query/key/value and gate/up projections
@@ -164,6 +165,12 @@ def smooth(model, calibration_ids=None, alpha=0.5):
         calibration_ids: `(B, T)` token ids (natural text is best); a fixed
             random batch if None.
         alpha: migration strength in [0, 1]; 0 leaves the model unchanged.
+        block: one scale per `block` consecutive input channels (the largest
+            activation and weight of the block decide it), so that weights
+            stored by blocks of `block` inputs (int4: a Q4_1 file's) stay
+            on their grid: every block of a row is scaled by one factor, and
+            every weight row the division lands in (the up projection's) as
+            a whole.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -189,7 +196,12 @@ def smooth(model, calibration_ids=None, alpha=0.5):
             kernels = [find_layer(smoothed, f"layer_{i}_{r}").kernel for r in readers]
             weight_max = np.maximum(
                 np.max([np.abs(k.numpy()).max(1) for k in kernels], axis=0), 1e-5)
-            scale = (channel_max(acts) ** alpha / weight_max ** (1.0 - alpha)).astype(np.float32)
+            activation_max = channel_max(acts)
+            if block:
+                activation_max, weight_max = (
+                    np.repeat(v.reshape(-1, block).max(1), block)
+                    for v in (activation_max, weight_max))
+            scale = (activation_max ** alpha / weight_max ** (1.0 - alpha)).astype(np.float32)
             for kernel in kernels:
                 kernel.assign(kernel.numpy() * scale[:, np.newaxis])
             if norm_name is not None:  # the norm's factor `offset + scale` becomes `/ s`
@@ -271,8 +283,10 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     Args:
         model: a keras-llm Functional model.
         path: the `.tflite` file to write.
-        quantization: None (float32), "float16" (16-bit weights) or "int8"
-            (dynamic-range int8 weights, smoothed; see `smooth`).
+        quantization: None (float32), "float16" (16-bit weights), "int8"
+            (dynamic-range int8 weights, smoothed; see `smooth`) or "int4"
+            (4-bit weights by blocks of 32, a Q4_1 file's own codes; see
+            `keras_llm.litert_int4`).
         smooth_alpha: SmoothQuant strength for "int8" (0 turns it off).
         max_length: cache positions per sequence (prompt plus new tokens).
         batch_sizes: the decode batch sizes to compile.
@@ -313,6 +327,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     done = progress or (lambda fraction: None)
     if quantization == "int8" and smooth_alpha:
         model = smooth(model, calibration_ids, smooth_alpha)
+    elif quantization == "int4" and smooth_alpha:
+        model = smooth(model, calibration_ids, smooth_alpha, block=INT4_BLOCK)
     holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths)
     functions = [f.get_concrete_function() for f in steps.values()]
     done(0.1)
@@ -327,6 +343,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     done(0.5)
     if fuse:
         flatbuffer = fuse_projections(flatbuffer)
+    if quantization == "int4":
+        flatbuffer = quantize_int4(flatbuffer)
     done(0.1)
     if not split:
         _write(path, flatbuffer)

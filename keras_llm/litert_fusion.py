@@ -223,6 +223,13 @@ def _drop_tensors(model, subgraph_index, candidates):
         if op.intermediates is not None:
             op.intermediates = renumber(op.intermediates)
     subgraph.inputs, subgraph.outputs = renumber(subgraph.inputs), renumber(subgraph.outputs)
+    for tensor in subgraph.tensors:  # blockwise quantization names its scales by index
+        quantization = tensor.quantization
+        if quantization is not None and \
+                quantization.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
+            details = quantization.details
+            details.scales = int(renumber([details.scales])[0])
+            details.zeroPoints = int(renumber([details.zeroPoints])[0])
     for signature in model.signatureDefs or ():
         if signature.subgraphIndex == subgraph_index:
             for entry in (*signature.inputs, *signature.outputs):

@@ -136,7 +136,7 @@ def test_limits_are_clear_errors(model, runner, float_file, tmp_path):
     with pytest.raises(InvalidRequest, match="per-sequence limit of 64"):
         engine_greedy(backend, [[1] * 60], 10)
     with pytest.raises(ValueError, match="quantization"):
-        litert.convert(model, str(tmp_path / "x.tflite"), quantization="int4")
+        litert.convert(model, str(tmp_path / "x.tflite"), quantization="int2")
     with pytest.raises(ValueError, match="lengths must be"):
         litert.convert(model, str(tmp_path / "x.tflite"), max_length=32, prefill_length=16,
                        lengths=(16, 32))

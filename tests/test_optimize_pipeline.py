@@ -214,7 +214,7 @@ def test_cli_optimize_writes_output_and_report(capsys, model_dir, tmp_path):
     (["--prune", "0.5", "--prune-method", "obs"], "--prune-method must be one of"),
     (["--dtype", "bfloat16", "--quantize", "int8"], "do not combine"),
     (["--quantize", "qat"], "--recovery-steps"),
-    (["--quantize", "int4"], "--quantize must be one of"),
+    (["--quantize", "int2"], "--quantize must be one of"),
     (["--distill-layers", "2"], "at most half"),
     (["--prune", "0.5", "--report", "r.txt"], "must be a .json path"),
 ])

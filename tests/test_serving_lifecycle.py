@@ -149,7 +149,7 @@ def test_sixteen_concurrent_streams_equal_alone(tmp_path):
 
 
 def test_every_export_kind_serves_with_default_flags(tmp_path):
-    """Default export, --litert int8, --litert float32 and --no-xla, each
+    """Default export, --litert int8, int4 and float32, and --no-xla, each
     served with keras-llm serve's default engine settings (no max_length
     given: the default is above what the LiteRT files hold)."""
     import json as json_lib
@@ -157,7 +157,8 @@ def test_every_export_kind_serves_with_default_flags(tmp_path):
     from keras_llm.serving.engine import EngineConfig as Defaults
 
     lm = tiny_language_model(seed=4, merges=["h e"])
-    kinds = {"default": {}, "int8": {"litert": "int8"}, "float32": {"litert": "float32"},
+    kinds = {"default": {}, "int8": {"litert": "int8"}, "int4": {"litert": "int4"},
+             "float32": {"litert": "float32"},
              "no-xla": {"jit_compile": False, "litert": None}}
     for name, options in kinds.items():
         export_model(lm, tmp_path, name, max_new_tokens=8, progress=False, **options)
@@ -176,7 +177,7 @@ def test_every_export_kind_serves_with_default_flags(tmp_path):
                 summary = client.generate("hello", model_name=name, max_new_tokens=6,
                                           ignore_eos=True)
                 assert summary.generated_tokens == 6, name
-                if name != "int8":  # float32 everywhere else: the same tokens
+                if name not in ("int8", "int4"):  # float32 elsewhere: the same tokens
                     assert list(summary.token_ids) == expected, name
                 out = client.predict(name, ["hello"])
                 assert out["num_tokens"][0] >= 1 and out["text"].shape == (1,), name

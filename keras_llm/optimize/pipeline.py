@@ -61,7 +61,7 @@ from keras_llm.optimize.training import (StepLosses, remove_empty_dirs, resume_s
                                          weights_digest)
 from keras_llm.runtime import artifacts
 
-QUANTIZE_MODES = ("int8", "qat")
+QUANTIZE_MODES = ("int8", "qat", "int4")
 
 
 @dataclasses.dataclass
@@ -75,7 +75,9 @@ class OptimizeOptions:
         calibration_sequences: teacher-text windows of `sequence_length`
             tokens that SparseGPT and Wanda calibrate on.
         recovery_steps: fine-tune steps after pruning, and QAT steps.
-        quantize: None, "int8" (post-training) or "qat".
+        quantize: None, "int8" (post-training), "qat", or "int4" (the LiteRT
+            file's projections as 4-bit blocks of 32, `keras_llm.litert_int4`;
+            the Keras model stays float32).
         distill_layers: student layers (<= half the teacher's), None: no distillation.
         distill_steps: distillation steps.
         dtype: None, "float16" or "bfloat16".
@@ -266,9 +268,11 @@ class _TrainingLogs:
                 "final_loss": self.losses.losses[-1] if self.losses.losses else None}
 
 
-def _litert_int8(model, path, calibration_ids):
-    """Write `model` as a dynamic-range int8 `.tflite` (the one call into
-    `keras_llm.litert`). Returns `(path, runner)` or `(None, reason)`."""
+def _litert_file(model, path, precision, calibration_ids, tokenizer):
+    """Write `model` as a dynamic-range int8 or blockwise int4 `.tflite` (the
+    one call into `keras_llm.litert`), smoothed on `calibration_ids`, else on
+    the tokenizer's calibration text. Returns `(path, runner)` or
+    `(None, reason)`."""
     try:
         from keras_llm import litert  # pylint: disable=import-outside-toplevel
     except ImportError as error:
@@ -276,7 +280,9 @@ def _litert_int8(model, path, calibration_ids):
     from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
 
     max_length = min(512, config_from_model(model).context_length)
-    litert.convert(model, path, quantization="int8", calibration_ids=calibration_ids,
+    if calibration_ids is None and tokenizer is not None:
+        calibration_ids = litert.calibration_ids(tokenizer)
+    litert.convert(model, path, quantization=precision, calibration_ids=calibration_ids,
                    max_length=max_length)
     return path, litert.LiteRTRunner(path)
 
@@ -326,7 +332,8 @@ class _Measurer:
                          dtype=model_dtype(model), layers=config_from_model(model).num_layers,
                          notes=notes)
 
-    def litert_row(self, variant, runner, file_path, source_model, notes=()):
+    def litert_row(self, variant, runner, file_path, source_model, notes=(),
+                   dtype="int8 weights (dynamic range)"):
         from keras_llm.models import config_from_model  # pylint: disable=import-outside-toplevel
 
         _log(self.options, f"measuring {variant}: size")
@@ -337,8 +344,8 @@ class _Measurer:
             speed = self._speed(variant, reporting.engine_decode(LiteRTBackend(runner)))
         return self._row(variant, "litert-xnnpack", runner, params, nonzero,
                          os.path.getsize(file_path), reporting.gzip_size(file_path), speed,
-                         dtype="int8 weights (dynamic range)",
-                         layers=config_from_model(source_model).num_layers, notes=notes)
+                         dtype=dtype, layers=config_from_model(source_model).num_layers,
+                         notes=notes)
 
     def _speed(self, variant, generate):
         speed = {}
@@ -512,8 +519,9 @@ def _run(model_spec, output, report_path, options, staging, strategy):
     rows = [measurer.keras_row("original", original, original_file)]
     steps, notes, record = [], [], {}
     train_ids = None
-    if options.trains or options.quantize or options.calibrates:
-        needed = max(4096 if options.quantize else 0,
+    int8_calibration = options.quantize in ("int8", "qat")  # int4 calibrates nothing
+    if options.trains or int8_calibration or options.calibrates:
+        needed = max(4096 if int8_calibration else 0,
                      options.calibration_sequences * options.sequence_length
                      if options.calibrates else 0)
         tokens = options.train_tokens if options.trains else min(options.train_tokens, needed)
@@ -598,7 +606,14 @@ def _run(model_spec, output, report_path, options, staging, strategy):
         pending.append((_variant_name(steps), current, {"pruning": record["pruning"]}))
 
     float_model = current
-    if options.quantize is not None:
+    if options.quantize == "int4":
+        steps.append("int4")
+        record["quantization"] = {"mode": "int4", "scheme": "LiteRT only: projections as 4-bit "
+                                  "codes by blocks of 32 inputs with a scale and a minimum "
+                                  "(Q4_1's layout; a Q4_1 GGUF's own codes), run as XNNPACK "
+                                  "blockwise int4 plus block offsets; output projection int8 "
+                                  "per channel; the Keras model stays float32"}
+    elif options.quantize is not None:
         from keras_llm.optimize.quantize import (  # pylint: disable=import-outside-toplevel
             float_model_from_qat, quantization_aware_fine_tune, quantize_model)
 
@@ -644,7 +659,9 @@ def _run(model_spec, output, report_path, options, staging, strategy):
 
     metadata.update(
         config=final_config.to_dict(), dtype=model_dtype(current),
-        quantization=("int8-per-channel-weights" if options.quantize else None),
+        quantization=({"int4": "int4-blockwise-weights"}.get(options.quantize,
+                                                              "int8-per-channel-weights")
+                      if options.quantize else None),
         optimized_from=spec_name, optimize={"steps": steps, **record})
     model_dir = os.path.join(staging, "model")
     _log(options, f"saving {output}" if is_chief(strategy) else
@@ -652,7 +669,7 @@ def _run(model_spec, output, report_path, options, staging, strategy):
     # Pruned weights are stored sparse (mask + nonzeros): `keras_llm.saving`.
     sparse = options.prune is not None
     saved = None
-    if options.prune is not None and options.quantize is None:
+    if options.prune is not None and options.quantize in (None, "int4"):
         # Checked in the file that ships (saved once), then recorded in the metadata.
         from keras_llm.saving import save_sparse  # pylint: disable=import-outside-toplevel
 
@@ -666,14 +683,15 @@ def _run(model_spec, output, report_path, options, staging, strategy):
 
     tflite = None
     if options.quantize is not None:
-        _log(options, "converting to LiteRT int8 (model.tflite)")
+        precision = "int4" if options.quantize == "int4" else "int8"
+        _log(options, f"converting to LiteRT {precision} (model.tflite)")
         calibration = train_ids[: 4 * options.sequence_length].reshape(4, -1) \
             if train_ids is not None and len(train_ids) >= 4 * options.sequence_length else None
         # A fresh copy: after strip_pruning/QAT some layers are shared with
         # the training model, and conversion reads layer outputs by graph.
         fresh = clone_with(float_model, lambda fresh_layer, original_layer: None)
-        tflite, runner = _litert_int8(fresh, os.path.join(model_dir, "model.tflite"),
-                                      calibration)
+        tflite, runner = _litert_file(fresh, os.path.join(model_dir, "model.tflite"),
+                                      precision, calibration, tokenizer)
         if tflite is None:
             notes.append(runner)
 
@@ -686,12 +704,19 @@ def _run(model_spec, output, report_path, options, staging, strategy):
         if final and "min_layer" in (metadata.get("sparsity") or {}):
             row["sparsity_on_disk"] = metadata["sparsity"]
         rows.append(row)
-    if tflite is not None:
+    if tflite is not None and options.quantize == "int4":
+        rows.append(measurer.litert_row(
+            _variant_name(steps) + "-litert", runner, tflite, float_model,
+            dtype="int4 weights (blockwise, 32) + int8 output projection",
+            notes=["int4 runtime: LiteRT interpreter with XNNPACK's blockwise 4-bit kernels "
+                   "(activations quantized to 8 bits per row on the fly) plus float32 block "
+                   "offsets"]))
+    elif tflite is not None:
         rows.append(measurer.litert_row(_variant_name(steps) + "-litert", runner, tflite,
                                         float_model,
                                         notes=["int8 runtime: LiteRT interpreter with XNNPACK, "
                                                "dynamic-range int8 weights, SmoothQuant scales"]))
-    if options.quantize is not None:
+    if options.quantize in ("int8", "qat"):
         rows[-2 if tflite is not None else -1]["notes"].append(
             "int8 QuantizedDense in Keras: int8 on disk, dequantized per call by XLA "
             "(no int8 kernels), so about float32 speed; the fast int8 path is the -litert row")

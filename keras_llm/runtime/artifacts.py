@@ -142,8 +142,9 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    batch_sizes=options["batch_sizes"],
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
                    prefill_length=min(options["prefill_length"], context),
-                   calibration_ids=litert.calibration_ids(tokenizer) if precision == "int8"
-                   else None, split=True,
+                   calibration_ids=(litert.calibration_ids(tokenizer)
+                                    if tokenizer is not None and precision in ("int8", "int4")
+                                    else None), split=True,
                    progress=lambda fraction: bar.update(round(1000 * fraction)))
     bar.close()
     handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
@@ -166,11 +167,12 @@ OPTIMIZED_LITERT = "model.tflite"  # what `keras-llm optimize --quantize` writes
 
 
 def optimized_litert(source, metadata):
-    """The int8 LiteRT file `keras-llm optimize --quantize` wrote into a model
-    directory (as a list of files), when `source` is one and its metadata
-    says it is quantized."""
+    """The int8 or int4 LiteRT file `keras-llm optimize --quantize` wrote into
+    a model directory (as a list of files), when `source` is one and its
+    metadata says it is quantized."""
     path = os.path.join(os.fspath(source), OPTIMIZED_LITERT)
-    return [path] if precision_of(metadata) == "int8" and os.path.isfile(path) else None
+    return ([path] if precision_of(metadata) in ("int8", "int4") and os.path.isfile(path)
+            else None)
 
 
 def export_litert_files(export_dir, metadata):
@@ -182,12 +184,14 @@ def export_litert_files(export_dir, metadata):
 
 
 def precision_of(metadata):
-    """The LiteRT precision a model should run in: int8 when its metadata
-    says it is int8-quantized, None for 16-bit models (they run on XLA,
-    whose bfloat16/float16 kernels they were made for), else float32."""
+    """The LiteRT precision a model should run in: int8 or int4 when its
+    metadata says it is quantized so, None for 16-bit models (they run on
+    XLA, whose bfloat16/float16 kernels they were made for), else float32."""
     if (metadata or {}).get("dtype") in ("bfloat16", "float16"):
         return None
     mode = (metadata or {}).get("quantization")
     if isinstance(mode, dict):
         mode = mode.get("mode")
+    if mode and "int4" in str(mode):
+        return "int4"
     return "int8" if mode and ("int8" in str(mode) or mode == "qat") else "float32"
