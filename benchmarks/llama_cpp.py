@@ -57,6 +57,22 @@ def write_gguf(source, path, tensor_type):
     return path
 
 
+def _load(path):
+    """`(llama_cpp, log callback to keep alive, model)` for the GGUF at
+    `path`, llama.cpp's logging silenced and its extra buffer types off."""
+    import llama_cpp as lib  # pylint: disable=import-outside-toplevel
+
+    lib.llama_backend_init()
+    quiet = lib.llama_log_callback(lambda level, text, data: None)
+    lib.llama_log_set(quiet, ctypes.c_void_p())
+    params = lib.llama_model_default_params()
+    params.use_extra_bufts = False
+    model = lib.llama_model_load_from_file(os.fspath(path).encode(), params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    return lib, quiet, model
+
+
 class LlamaCppEngine(Engine):
     """llama.cpp on a GGUF rewrite of the model's own source file."""
 
@@ -86,17 +102,8 @@ class LlamaCppEngine(Engine):
             write_gguf(self.s.gguf_source, path, self.tensor_type)
 
     def setup(self):
-        import llama_cpp as lib  # pylint: disable=import-outside-toplevel
-
+        lib, self._quiet, self.model = _load(self.path())
         self.lib = lib
-        lib.llama_backend_init()
-        self._quiet = lib.llama_log_callback(lambda level, text, data: None)
-        lib.llama_log_set(self._quiet, ctypes.c_void_p())
-        params = lib.llama_model_default_params()
-        params.use_extra_bufts = False
-        self.model = lib.llama_model_load_from_file(self.path().encode(), params)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {self.path()}")
         self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.sequences = max([1, *self.s.batch_sizes])
         context = lib.llama_context_default_params()
@@ -202,17 +209,8 @@ class LlamaCppLogits:
     """
 
     def __init__(self, path, threads=2, max_tokens=1024):
-        import llama_cpp as lib  # pylint: disable=import-outside-toplevel
-
+        lib, self._quiet, self.model = _load(path)
         self.lib = lib
-        lib.llama_backend_init()
-        self._quiet = lib.llama_log_callback(lambda level, text, data: None)
-        lib.llama_log_set(self._quiet, ctypes.c_void_p())
-        params = lib.llama_model_default_params()
-        params.use_extra_bufts = False
-        self.model = lib.llama_model_load_from_file(os.fspath(path).encode(), params)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
         self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         context = lib.llama_context_default_params()
         context.n_ctx = context.n_batch = context.n_ubatch = max_tokens

@@ -156,6 +156,12 @@ def fuse_projections(flatbuffer):
         subgraph.operators = operators
         replaced.update(subgraph.tensors[i].buffer for i in orphans)
         _drop_tensors(model, index, orphans)
+    return _serialize_without(model, replaced)
+
+
+def _serialize_without(model, replaced):
+    """`_serialize(model)` after emptying the `replaced` buffers no tensor an
+    operator reads uses any more."""
     used = {g.tensors[i].buffer for g in model.subgraphs for op in g.operators
             for i in (*op.inputs, *op.outputs) if i >= 0}
     for index in replaced - used:

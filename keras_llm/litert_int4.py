@@ -44,7 +44,7 @@ from tensorflow.lite.tools import flatbuffer_utils
 
 from keras_llm.litert_fusion import (_add_buffer, _add_tensor, _builtin, _constant,
                                      _drop_tensors, _is_constant, _opcode_index, _operator,
-                                     _serialize)
+                                     _serialize_without)
 
 BLOCK = 32
 
@@ -202,11 +202,7 @@ def quantize_int4(flatbuffer):
                                                   codes)
         subgraph.operators = operators
         _drop_tensors(model, index, orphans)
-    used = {g.tensors[i].buffer for g in model.subgraphs for op in g.operators
-            for i in (*op.inputs, *op.outputs) if i >= 0}
-    for buffer in replaced - used:
-        model.buffers[buffer].data = None
-    return _serialize(model)
+    return _serialize_without(model, replaced)
 
 
 def _as_int8(model, subgraph, op, weights, buffers, made):
