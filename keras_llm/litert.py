@@ -197,7 +197,7 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
             weight_max = np.maximum(
                 np.max([np.abs(k.numpy()).max(1) for k in kernels], axis=0), 1e-5)
             activation_max = channel_max(acts)
-            if block:
+            if block and len(activation_max) % block == 0:  # else int8 (litert_int4)
                 activation_max, weight_max = (
                     np.repeat(v.reshape(-1, block).max(1), block)
                     for v in (activation_max, weight_max))

@@ -213,3 +213,19 @@ def test_optimize_int4_writes_a_model_the_engine_runs_in_int4(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(out), "--prompt", "he", "--max-new-tokens", "6",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == completion.token_ids
+
+
+def test_widths_off_the_block_size_fall_back_to_int8(tmp_path):
+    # hidden 48: the query/key/value, gate/up and output-projection inputs are
+    # no multiple of 32 (int8 per channel); the down projection's 64 are (int4).
+    model = tiny_model(seed=1, hidden_dim=48, num_query_heads=3, num_key_value_heads=1,
+                       head_dim=16, intermediate_dim=64)
+    path = litert.convert(model, str(tmp_path / "h48.tflite"), quantization="int4",
+                          batch_sizes=(1,), max_length=32, prefill_length=8)
+    int4, int8 = _int4_tensors(path)
+    assert sorted(name.split("/")[1] for name in int4) == ["layer_0_mlp_down", "layer_1_mlp_down"]
+    assert len(int8) == 2 * 3 + 1  # fused q/k/v, attention output, fused gate/up; the head
+    ids = np.array([[1, 2, 3, 4, 5]], np.int32)
+    expected = model(tf.constant(ids)).numpy()
+    got = litert.LiteRTRunner(path, num_threads=1)(ids)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.2

@@ -519,7 +519,7 @@ def _run(model_spec, output, report_path, options, staging, strategy):
     rows = [measurer.keras_row("original", original, original_file)]
     steps, notes, record = [], [], {}
     train_ids = None
-    int8_calibration = options.quantize in ("int8", "qat")  # int4 calibrates nothing
+    int8_calibration = options.quantize in ("int8", "qat")  # int4: no teacher text needed
     if options.trains or int8_calibration or options.calibrates:
         needed = max(4096 if int8_calibration else 0,
                      options.calibration_sequences * options.sequence_length
@@ -709,7 +709,7 @@ def _run(model_spec, output, report_path, options, staging, strategy):
             _variant_name(steps) + "-litert", runner, tflite, float_model,
             dtype="int4 weights (blockwise, 32) + int8 output projection",
             notes=["int4 runtime: LiteRT interpreter with XNNPACK's blockwise 4-bit kernels "
-                   "(activations quantized to 8 bits per row on the fly) plus float32 block "
+                   "(activations quantized to 8 bits per row on the fly) plus int8 block "
                    "offsets"]))
     elif tflite is not None:
         rows.append(measurer.litert_row(_variant_name(steps) + "-litert", runner, tflite,
