@@ -4,7 +4,7 @@
 weight matrix `W` (FULLY_CONNECTED, `(out, in)`) is cut into blocks of 32
 inputs per output row and each block is stored the way a Q4_1 GGUF block
 is: a scale `d`, a minimum `m` and 4-bit codes `q` in 0..15, with
-`w = d * q + m`. XNNPACK's blockwise 4-bit kernels take symmetric codes
+`w = d * q + m` (a Q4_0 block, `d * (q - 8)`, is one too). XNNPACK's blockwise 4-bit kernels take symmetric codes
 only (`w = d * c`, `c` in -8..7), so the block is split in two exact parts:
 
     W x = sum_b d_b (q - 8) . x_b  +  sum_b (m_b + 8 d_b) * sum(x_b)
@@ -54,8 +54,11 @@ def block_codes(weights, block=BLOCK):
 
     Returns `(codes, scale, minimum)`: `codes` uint8 in 0..15 `(out, in)`,
     `scale` and `minimum` float32 `(out, in / block)`, with
-    `scale * codes + minimum` the quantized weights (the weights themselves
-    when they already lie on such a grid, as a Q4_1 file's do).
+    `scale * codes + minimum` the quantized weights: the weights themselves
+    when a block already lies on a grid of at most 16 levels, as a Q4_1 or
+    Q4_0 file's blocks do (a Q4_0 block need not use its extreme levels, so
+    the grid's step is found from the values, not only from their range),
+    else min/max 4-bit quantization of the block.
     """
     weights = np.asarray(weights, np.float32)
     rows, columns = weights.shape
@@ -63,7 +66,24 @@ def block_codes(weights, block=BLOCK):
         raise ValueError(f"{columns} inputs are not a multiple of the block size {block}")
     blocks = weights.reshape(rows, columns // block, block)
     minimum = blocks.min(axis=-1)
-    scale = (blocks.max(axis=-1) - minimum) / 15.0
+    span = blocks.max(axis=-1) - minimum
+    scale = span / 15.0
+    # A grid already there: the smallest gap between distinct values is its
+    # step when the span is a whole number (<= 15) of such steps.
+    ordered = np.sort(blocks, axis=-1)
+    gaps = np.diff(ordered, axis=-1)
+    tolerance = 1e-5 * np.maximum(np.abs(ordered).max(axis=-1), 1e-30)
+    gaps = np.where(gaps > tolerance[..., None], gaps, np.inf)
+    step = gaps.min(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = span / step
+    on_grid = np.isfinite(step) & (np.abs(levels - np.rint(levels)) < 1e-3) & (levels < 15.5)
+    grid = span / np.where(on_grid, np.rint(levels), 1.0)
+    safe = np.where(grid > 0, grid, 1.0)
+    codes = np.clip(np.rint((blocks - minimum[..., None]) / safe[..., None]), 0, 15)
+    error = np.abs(codes * grid[..., None] + minimum[..., None] - blocks).max(axis=-1)
+    on_grid &= error <= 4 * tolerance  # every value on it, not just the closest two
+    scale = np.where(on_grid, grid, scale)
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint((blocks - minimum[..., None]) / safe[..., None]), 0, 15)
     return codes.astype(np.uint8).reshape(rows, columns), scale.astype(np.float32), minimum

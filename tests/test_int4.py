@@ -55,6 +55,21 @@ def test_block_codes_are_a_q4_1_files_own():
                                scale, rtol=1e-6)
 
 
+def test_block_codes_keep_a_q4_0_files_levels():
+    rng = np.random.default_rng(1)
+    weights = rng.normal(0, 0.05, (48, 128)).astype(np.float32)
+    q4_0 = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_0)
+    dequantized = gguf.quants.dequantize(q4_0, gguf.GGMLQuantizationType.Q4_0)
+    codes, scale, minimum = block_codes(dequantized)
+    rebuilt = (codes.reshape(48, -1, BLOCK) * scale[..., None] + minimum[..., None])
+    np.testing.assert_allclose(rebuilt.reshape(48, 128), dequantized, rtol=0, atol=1e-6)
+    # Q4_0's step is the file's scale even where a block does not reach level 15.
+    file_scale = np.asarray(q4_0, np.uint8).reshape(-1, 18)[:, :2].copy().view(np.float16)
+    np.testing.assert_allclose(scale, np.abs(file_scale[:, 0].astype(np.float32)).reshape(48, 4),
+                               rtol=1e-5)
+    assert codes.max(axis=1).min() < 15  # some rows never use the top level
+
+
 def test_pack_unpack_and_dequantize():
     values = np.array([-8, 7, 0, -1, 3, -5, 1], np.int8)
     packed = pack_int4(values)
