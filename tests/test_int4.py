@@ -35,16 +35,22 @@ def _on_q4_1_grid(model):
     return model
 
 
-def test_block_codes_are_a_q4_1_files_own():
-    rng = np.random.default_rng(0)
-    weights = rng.normal(0, 0.05, (48, 128)).astype(np.float32)
-    q4_1 = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1)
-    dequantized = gguf.quants.dequantize(q4_1, gguf.GGMLQuantizationType.Q4_1)
+def _gguf_codes(kind, seed):
+    """A random (48, 128) matrix quantized by `gguf` as `kind`, and
+    `block_codes` of its dequantized weights, checked to rebuild them: the
+    same levels per block, nothing rounded a second time."""
+    weights = np.random.default_rng(seed).normal(0, 0.05, (48, 128)).astype(np.float32)
+    quantized = gguf.quants.quantize(weights, kind)
+    dequantized = gguf.quants.dequantize(quantized, kind)
     codes, scale, minimum = block_codes(dequantized)
-    assert codes.dtype == np.uint8 and codes.min() == 0 and codes.max() == 15
     rebuilt = (codes.reshape(48, -1, BLOCK) * scale[..., None] + minimum[..., None])
-    # The same 16 levels per block: nothing rounded a second time.
     np.testing.assert_allclose(rebuilt.reshape(48, 128), dequantized, rtol=0, atol=1e-6)
+    return quantized, codes, scale
+
+
+def test_block_codes_are_a_q4_1_files_own():
+    q4_1, codes, scale = _gguf_codes(gguf.GGMLQuantizationType.Q4_1, seed=0)
+    assert codes.dtype == np.uint8 and codes.min() == 0 and codes.max() == 15
     # The file's raw Q4_1 blocks: f16 scale, f16 minimum, 16 bytes of nibbles
     # (the block's first 16 codes in the low nibbles, the last 16 in the high).
     blocks = np.asarray(q4_1, np.uint8).reshape(-1, 20)
@@ -56,13 +62,7 @@ def test_block_codes_are_a_q4_1_files_own():
 
 
 def test_block_codes_keep_a_q4_0_files_levels():
-    rng = np.random.default_rng(1)
-    weights = rng.normal(0, 0.05, (48, 128)).astype(np.float32)
-    q4_0 = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_0)
-    dequantized = gguf.quants.dequantize(q4_0, gguf.GGMLQuantizationType.Q4_0)
-    codes, scale, minimum = block_codes(dequantized)
-    rebuilt = (codes.reshape(48, -1, BLOCK) * scale[..., None] + minimum[..., None])
-    np.testing.assert_allclose(rebuilt.reshape(48, 128), dequantized, rtol=0, atol=1e-6)
+    q4_0, codes, scale = _gguf_codes(gguf.GGMLQuantizationType.Q4_0, seed=1)
     # Q4_0's step is the file's scale even where a block does not reach level 15.
     file_scale = np.asarray(q4_0, np.uint8).reshape(-1, 18)[:, :2].copy().view(np.float16)
     np.testing.assert_allclose(scale, np.abs(file_scale[:, 0].astype(np.float32)).reshape(48, 4),
