@@ -28,7 +28,7 @@ def _int4_files(lm):
     from keras_llm.runtime import artifacts  # pylint: disable=import-outside-toplevel
 
     return (artifacts.cached_litert(lm.source, "int4")
-            or artifacts.build_litert(lm.source, lm.model, None, "int4"))
+            or artifacts.build_litert(lm.source, lm.model, lm.tokenizer, "int4"))
 
 
 def main(argv=None):

@@ -499,7 +499,7 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
                                max_length=max_length, batch_sizes=batch_sizes,
                                prefill_length=options["prefill_length"],
                                calibration_ids=(litert.calibration_ids(lm.tokenizer)
-                                                if precision in ("int8", "int4") else None),
+                                                if precision in artifacts.QUANTIZED_LITERT else None),
                                lengths=lengths, split=True)
     metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
                           "files": [os.path.relpath(p, staging) for p in paths],

@@ -216,7 +216,7 @@ class LanguageModel:
                 try:
                     # The tokenizer only calibrates int8/int4 smoothing (a user's model
                     # may have none).
-                    tokenizer = self.tokenizer if precision in ("int8", "int4") else None
+                    tokenizer = self.tokenizer if precision in artifacts.QUANTIZED_LITERT else None
                     model = self.model if model is None else model
                     path = artifacts.build_litert(self.source, model, tokenizer,
                                                   precision, progress=self.progress)

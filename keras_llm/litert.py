@@ -325,10 +325,9 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if lengths and not 0 < lengths[0] <= lengths[-1] < max_length:
         raise ValueError(f"lengths must be in [1, max_length={max_length}), got {lengths}")
     done = progress or (lambda fraction: None)
-    if quantization == "int8" and smooth_alpha:
-        model = smooth(model, calibration_ids, smooth_alpha)
-    elif quantization == "int4" and smooth_alpha:
-        model = smooth(model, calibration_ids, smooth_alpha, block=INT4_BLOCK)
+    if quantization in ("int8", "int4") and smooth_alpha:  # int4 keeps its blocks' grids
+        model = smooth(model, calibration_ids, smooth_alpha,
+                       block=INT4_BLOCK if quantization == "int4" else None)
     holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths)
     functions = [f.get_concrete_function() for f in steps.values()]
     done(0.1)

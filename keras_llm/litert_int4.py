@@ -168,7 +168,6 @@ class _Buffers:
     def __init__(self, model):
         self.model = model
         self.made = {}
-        self.offset_scales = {}
 
     def get(self, key, make):
         if key not in self.made:
@@ -176,15 +175,16 @@ class _Buffers:
         return self.made[key]
 
     def int4(self, tensor):
-        """Buffers of (codes, scales, offsets) replacing `tensor`'s weights."""
-        if ("codes", tensor.buffer) not in self.made:
+        """`(codes buffer, scales buffer, offsets buffer, offsets' per-row
+        scales)` replacing `tensor`'s weights."""
+        key = ("int4", tensor.buffer)
+        if key not in self.made:
             codes, scale, minimum = block_codes(_constant(self.model, tensor))
-            self.get(("codes", tensor.buffer), lambda: pack_int4(codes.astype(np.int8) - 8))
-            self.get(("scales", tensor.buffer), lambda: storage_scale(scale))
-            values, self.offset_scales[tensor.buffer] = per_channel_int8(
-                minimum + 8.0 * scale)
-            self.get(("offsets", tensor.buffer), lambda: values)
-        return [self.made[(kind, tensor.buffer)] for kind in ("codes", "scales", "offsets")]
+            offsets, offset_scale = per_channel_int8(minimum + 8.0 * scale)
+            self.made[key] = (_add_buffer(self.model, pack_int4(codes.astype(np.int8) - 8)),
+                              _add_buffer(self.model, storage_scale(scale)),
+                              _add_buffer(self.model, offsets), offset_scale)
+        return self.made[key]
 
 
 def quantize_int4(flatbuffer):
@@ -230,19 +230,15 @@ def _as_int8(model, subgraph, op, weights, buffers, made):
     key = ("int8", weights.buffer)
     if key not in made:
         values, scale = per_channel_int8(_constant(model, weights))
-        quantization = schema.QuantizationParametersT()
-        quantization.scale = scale
-        quantization.zeroPoint = np.zeros(len(scale), np.int64)
-        quantization.quantizedDimension = 0
-        made[key] = _add_tensor(subgraph, weights.name.decode() + "/int8",
-                                [int(d) for d in weights.shape], schema.TensorType.INT8,
-                                buffers.get(key, lambda: values), quantization)
+        made[key] = _int8_tensor(subgraph, weights.name.decode() + "/int8",
+                                 [int(d) for d in weights.shape],
+                                 buffers.get(key, lambda: values), scale)
     op.inputs = np.asarray([op.inputs[0], made[key], *op.inputs[2:]], np.int32)
     return op
 
 
-def _offsets_tensor(subgraph, name, shape, buffer, scale):
-    """The block offsets `(out, in / 32)`, int8 per output row."""
+def _int8_tensor(subgraph, name, shape, buffer, scale):
+    """An int8 weight tensor quantized per output row (symmetric)."""
     quantization = schema.QuantizationParametersT()
     quantization.scale = scale
     quantization.zeroPoint = np.zeros(len(scale), np.int64)
@@ -259,11 +255,11 @@ def _split_block_offsets(model, subgraph, op, weights, buffers, made, codes):
     key = ("int4", weights.buffer)
     if key not in made:
         name = weights.name.decode()
-        code_buffer, scale_buffer, offset_buffer = buffers.int4(weights)
+        code_buffer, scale_buffer, offset_buffer, offset_scale = buffers.int4(weights)
         made[key] = (_blockwise(subgraph, name + "/int4", (code_buffer, scale_buffer),
                                 (rows, columns)),
-                     _offsets_tensor(subgraph, name + "/block_offsets", [rows, blocks],
-                                     offset_buffer, buffers.offset_scales[weights.buffer]))
+                     _int8_tensor(subgraph, name + "/block_offsets", [rows, blocks],
+                                  offset_buffer, offset_scale))
     kernel, offsets = made[key]
     sums_key = ("block_sum", columns)
     if sums_key not in made:

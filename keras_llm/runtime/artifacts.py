@@ -38,6 +38,9 @@ EXPORT_METADATA = os.path.join("assets", "keras_llm.json")
 # steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
 # and a 64-token prefill. Signatures are prepared on first use, so one
 # answer from the CLI pays for the two it runs, not for all seven.
+# The quantized LiteRT precisions: smoothed on calibration text when converted,
+# and what `keras-llm optimize --quantize` writes beside a model.
+QUANTIZED_LITERT = ("int8", "int4")
 LITERT_LAYOUT = 2  # one file per signature (`keras_llm.litert.convert(split=True)`)
 DEFAULT_LITERT = {"max_length": 1024, "batch_sizes": [1, 4, 16], "lengths": [256],
                   "prefill_length": 64}
@@ -143,7 +146,7 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
                    prefill_length=min(options["prefill_length"], context),
                    calibration_ids=(litert.calibration_ids(tokenizer)
-                                    if tokenizer is not None and precision in ("int8", "int4")
+                                    if tokenizer is not None and precision in QUANTIZED_LITERT
                                     else None), split=True,
                    progress=lambda fraction: bar.update(round(1000 * fraction)))
     bar.close()
@@ -171,7 +174,7 @@ def optimized_litert(source, metadata):
     a model directory (as a list of files), when `source` is one and its
     metadata says it is quantized."""
     path = os.path.join(os.fspath(source), OPTIMIZED_LITERT)
-    return ([path] if precision_of(metadata) in ("int8", "int4") and os.path.isfile(path)
+    return ([path] if precision_of(metadata) in QUANTIZED_LITERT and os.path.isfile(path)
             else None)
 
 
