@@ -484,7 +484,8 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
     lengths = [n for n in (defaults["lengths"] if lengths is None else lengths) if n < max_length]
     path = os.path.join(staging, artifacts.EXPORT_LITERT)
     options = {"max_length": max_length, "batch_sizes": sorted(int(b) for b in batch_sizes),
-               "lengths": sorted(int(n) for n in lengths), "prefill_length": min(64, max_length)}
+               "lengths": sorted(int(n) for n in lengths), "prefill_length": min(64, max_length),
+               "verify_length": min(defaults["verify_length"], max_length)}
     cached = artifacts.cached_litert(lm.source, precision, options) if lm.source else None
     if cached:  # the model's own LiteRT files were built with these options: reuse them
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -498,6 +499,7 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
                                quantization=None if precision == "float32" else precision,
                                max_length=max_length, batch_sizes=batch_sizes,
                                prefill_length=options["prefill_length"],
+                               verify_length=options["verify_length"],
                                calibration_ids=(litert.calibration_ids(lm.tokenizer)
                                                 if precision in artifacts.QUANTIZED_LITERT else None),
                                lengths=lengths, split=True)
@@ -505,7 +507,8 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
                           "files": [os.path.relpath(p, staging) for p in paths],
                           "precision": precision,
                           "batch_sizes": sorted(int(b) for b in batch_sizes),
-                          "max_length": max_length, "lengths": sorted(int(n) for n in lengths)}
+                          "max_length": max_length, "lengths": sorted(int(n) for n in lengths),
+                          "verify_length": options["verify_length"]}
     with open(os.path.join(staging, "assets", METADATA_ASSET), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2, ensure_ascii=False)
 

@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from keras_llm.runtime.speculative import SPECULATIVE_TOKENS
+
 
 class UsageError(Exception):
     """A user mistake: reported in one line."""
@@ -70,6 +72,17 @@ def _add_model(parser):
                         help="allow model files that run Python code on load (Lambda layers)")
 
 
+def _add_draft(parser):
+    parser.add_argument("--draft", default=None,
+                        help="speculative decoding: a draft model guesses the next tokens and "
+                             "the model checks several at once (same output, faster at batch "
+                             "1): int4 or int8 (the model's own weights in that precision) or "
+                             "another model with the same vocabulary")
+    parser.add_argument("--speculative-tokens", dest="speculative_tokens", type=_positive_int,
+                        default=SPECULATIVE_TOKENS,
+                        help="draft tokens checked per step (with --draft; at most 7)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-llm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +102,7 @@ def build_parser():
     gen.add_argument("--backend", choices=("auto", "litert", "xla"), default="auto",
                      help="auto: the model's LiteRT file (built once, kept beside the model), "
                           "else XLA")
+    _add_draft(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--verbose", action="store_true",
                      help="show TensorFlow's and LiteRT's native log lines (any command)")
@@ -257,7 +271,8 @@ def cmd_generate(args):
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     LanguageModel.sampling_params(**sampling)  # validate before any work
-    lm = _load(args, backend=args.backend, max_slots=1)
+    lm = _load(args, backend=args.backend, max_slots=1, draft=args.draft,
+               speculative_tokens=args.speculative_tokens)
     prompt_ids = lm.encode(args.prompt, chat=args.chat, system=args.system)
     completion = None
     for item in lm.stream(prompt_ids, **sampling):
@@ -278,6 +293,8 @@ def cmd_generate(args):
             "decode_tokens_per_s": round(completion.decode_tokens_per_s, 3),
             "compile_s": round(completion.compile_s, 3),
         }
+        if lm.engine.speculator is not None:
+            record["speculative"] = lm.engine.speculator.stats()
         print(json.dumps(record, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

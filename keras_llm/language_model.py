@@ -17,6 +17,7 @@ from keras_llm import presets
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.engine import Engine, EngineConfig, decode_rate
 from keras_llm.runtime.params import SamplingParams
+from keras_llm.runtime.speculative import SPECULATIVE_TOKENS
 from keras_llm.runtime.tokenizer import HostTokenizer
 from keras_llm.runtime.user_tokenizer import as_host_tokenizer
 
@@ -76,6 +77,14 @@ class LanguageModel:
         safe_mode: refuse model files that carry Python code.
         max_positions: for a model that is not a keras-llm Llama and does
             not say how many positions it takes: its limit (default 2048).
+        draft: speculative decoding (`keras_llm.runtime.speculative`): the
+            draft model that guesses the next tokens while one request
+            decodes: "int4" or "int8" (this model's own weights in that
+            precision, converted once and kept beside it), or another
+            model with the same vocabulary: a `LanguageModel`, what `load`
+            takes, or LiteRT files (`artifacts.litert_files`). The output stays this model's own (greedy, and
+            sampled with a seed); needs the LiteRT backend.
+        speculative_tokens: draft tokens checked per step of this model.
 
     Example:
         >>> lm = keras_llm.load("smollm2")
@@ -85,7 +94,8 @@ class LanguageModel:
 
     def __init__(self, model=None, tokenizer=None, metadata=None, source=None, backend="auto",
                  max_slots=16, num_threads=None, progress=True, safe_mode=True,
-                 max_positions=None):
+                 max_positions=None, draft=None,
+                 speculative_tokens=SPECULATIVE_TOKENS):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if model is None and source is None:
@@ -100,6 +110,8 @@ class LanguageModel:
         self.progress = progress
         self.safe_mode = safe_mode
         self.max_positions = max_positions
+        self.draft = draft
+        self.speculative_tokens = int(speculative_tokens)
         self.tokenizer_file = None  # the tokenizer.json a bare model file was loaded with
         # A model given here may be the user's own; from a source directory it is keras-llm's.
         self.generic = model is not None and not _is_llama(model)
@@ -149,9 +161,32 @@ class LanguageModel:
             backend = self._backend()
             # A user's model runs up to its own limit; keras-llm's caches take 1024.
             length = backend.capabilities.max_length if self.generic else 1024
-            self._engine = Engine(backend, self.host_tokenizer,
-                                  EngineConfig(max_slots=self.max_slots, max_length=length))
+            config = EngineConfig(max_slots=self.max_slots, max_length=length,
+                                  speculative_tokens=self.speculative_tokens)
+            draft = self._draft_backend() if self.draft is not None else None
+            self._engine = Engine(backend, self.host_tokenizer, config, draft=draft)
         return self._engine
+
+    def _draft_backend(self):
+        """The backend of the `draft` model."""
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        draft = self.draft
+        if isinstance(draft, str) and draft in artifacts.QUANTIZED_LITERT:
+            if self.source is None or self.generic:
+                raise ValueError(f"draft={draft!r} converts this model's own weights: it needs a "
+                                 "keras-llm model loaded from a directory or file")
+            path = (artifacts.cached_litert(self.source, draft)
+                    or artifacts.build_litert(self.source, self.model, self.tokenizer, draft,
+                                              progress=self.progress))
+            return LiteRTBackend(path, num_threads=self.num_threads, dtype=draft)
+        if isinstance(draft, (str, os.PathLike)) and (
+                os.fspath(draft).endswith(".tflite")
+                or os.path.isfile(os.path.join(draft, artifacts.EXPORT_METADATA))):
+            return LiteRTBackend(artifacts.litert_files(draft), num_threads=self.num_threads)
+        if not isinstance(draft, LanguageModel):
+            draft = load(draft, progress=self.progress, backend="litert", max_slots=1,
+                         num_threads=self.num_threads)
+        return draft._backend()  # pylint: disable=protected-access
 
     def has_litert_files(self):
         """Whether this model's LiteRT files exist already (generating on

@@ -21,6 +21,9 @@ bound.
   int8 weights.
 - `prefill`: the same for one row of `T` tokens, with logits for every
   position (for prompts and for teacher-forced scoring).
+- `verify` and `verify_s{L}` (with `verify_length`): the same for a few
+  tokens, at about the cost of one decode step: how speculative decoding
+  checks a draft model's guesses (`keras_llm.runtime.speculative`).
 
 The converted graph then gets the query/key/value and gate/up projections
 each stacked into one matmul (`keras_llm.litert_fusion`), which the model
@@ -217,7 +220,7 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
 # ----- conversion --------------------------------------------------------------
 
 
-def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=()):
+def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), verify_length=0):
     """The tf.functions that become the .tflite signatures, by name, and the
     object the converter saves them with.
 
@@ -235,11 +238,14 @@ def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=()):
             name = f"decode_b{batch}" + (f"_s{cache_length}" if cache_length < max_length else "")
             functions[name] = _step_function(model, c, batch, 1, cache_length, name)
     functions["prefill"] = _step_function(model, c, 1, prefill_length, max_length, "prefill")
+    for cache_length in (*lengths, max_length) if verify_length else ():
+        name = "verify" + (f"_s{cache_length}" if cache_length < max_length else "")
+        functions[name] = _step_function(model, c, 1, verify_length, cache_length, name)
     return holder, functions
 
 
 def _step_function(model, c, batch, length, max_length, name):
-    last_position_only = name != "prefill"
+    last_position_only = not name.startswith(("prefill", "verify"))
     cache = tf.TensorSpec([batch, c.num_key_value_heads, max_length, c.head_dim], tf.float32)
     specs = [tf.TensorSpec([batch, length], tf.int32, name="tokens"),
              tf.TensorSpec([batch], tf.int32, name="index"),
@@ -277,7 +283,7 @@ def default_lengths(max_length):
 
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=(),
-            fuse=True, split=False, progress=None):
+            fuse=True, split=False, progress=None, verify_length=0):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -303,6 +309,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             prefill in `path`, each decode step `X` in
             `<path without .tflite>.X.tflite` (what the runtime uses: each
             file's weights are prepared only when it is used).
+        verify_length: tokens per `verify` call (0: no `verify` signature);
+            a draft of `verify_length - 1` tokens is checked in one call.
         progress: called with the fraction of the work each stage did
             (they add up to 1): tracing, TensorFlow Lite's converter, the
             fusion, then each file written. For SmolLM2 on 2 cores the
@@ -316,8 +324,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     config = config_from_model(model)
     if not 0 < max_length <= config.context_length:
         raise ValueError(f"max_length must be in [1, {config.context_length}]")
-    if prefill_length > max_length:
-        raise ValueError("prefill_length cannot exceed max_length")
+    if prefill_length > max_length or verify_length > max_length:
+        raise ValueError("prefill_length and verify_length cannot exceed max_length")
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if not batch_sizes or batch_sizes[0] < 1:
         raise ValueError("batch_sizes must be positive integers")
@@ -328,7 +336,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if quantization in ("int8", "int4") and smooth_alpha:  # int4 keeps its blocks' grids
         model = smooth(model, calibration_ids, smooth_alpha,
                        block=INT4_BLOCK if quantization == "int4" else None)
-    holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths)
+    holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths,
+                                    verify_length)
     functions = [f.get_concrete_function() for f in steps.values()]
     done(0.1)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, holder)

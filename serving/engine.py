@@ -18,6 +18,7 @@ import threading
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.engine import (Engine, EngineConfig as RuntimeConfig, EngineError,
                                       EngineStopped, InvalidRequest, QueueFull)
+from keras_llm.runtime.speculative import SPECULATIVE_TOKENS
 from keras_llm.runtime.tokenizer import TOKENIZER_FILE
 from keras_llm.runtime.user_tokenizer import load_tokenizer
 
@@ -44,6 +45,11 @@ class EngineConfig:
             XLA functions), "litert" or "saved_model".
         num_threads: LiteRT threads (0: every core).
         max_batch_size: most rows in one Predict request (more: INVALID_ARGUMENT).
+        draft: LiteRT files of a draft model for speculative decoding (an
+            export version directory or a `.tflite` file keras-llm wrote;
+            `keras_llm.runtime.speculative`): a request decoding alone is
+            answered faster, with the same tokens. LiteRT backend only.
+        speculative_tokens: draft tokens checked per step.
     """
 
     max_slots: int = 16
@@ -55,6 +61,8 @@ class EngineConfig:
     backend: str = "auto"
     num_threads: int = 0
     max_batch_size: int = 64
+    draft: str = ""
+    speculative_tokens: int = SPECULATIVE_TOKENS
 
 
 class ExportedModel:
@@ -110,14 +118,26 @@ class ExportedModel:
         self.engine = Engine(backend, self.tokenizer,
                              RuntimeConfig(max_slots=int(slots), max_queue=config.max_queue,
                                            max_length=int(max_length),
-                                           default_max_new_tokens=config.default_max_new_tokens),
-                             stop_ids=self.metadata["tokenizer"]["stop_ids"])
+                                           default_max_new_tokens=config.default_max_new_tokens,
+                                           speculative_tokens=config.speculative_tokens),
+                             stop_ids=self.metadata["tokenizer"]["stop_ids"],
+                             draft=self._draft(backend))
         self.num_slots, self.max_length = self.engine.num_slots, self.engine.max_length
         LOG.info(json.dumps({"event": "kv_cache", "backend": backend.capabilities.name,
                              "slots": self.num_slots, "context": self.max_length,
                              "bytes_per_slot": self.bytes_per_slot,
                              "bytes": self.bytes_per_slot * self.num_slots}))
         self.engine.start()
+
+    def _draft(self, backend):
+        if not self.config.draft:
+            return None
+        if backend.capabilities.name != "litert":
+            raise ValueError("a draft model (--draft) needs the LiteRT backend; this export "
+                             f"decodes with {backend.capabilities.name}")
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        return LiteRTBackend(artifacts.litert_files(self.config.draft),
+                             num_threads=self.config.num_threads or None)
 
     def _backend(self, model):
         if self.metadata.get("backend") == "recompute":  # a user's model: its own forward pass

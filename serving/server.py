@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from keras_llm.runtime.params import SamplingParams
+from keras_llm.runtime.speculative import SPECULATIVE_TOKENS
 from keras_llm.serving.engine import EngineConfig, EngineStopped, ExportedModel, InvalidRequest, QueueFull
 from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 
@@ -1264,6 +1265,12 @@ def build_parser():
     add("--num_threads", type=int, default=0, help="LiteRT threads (0: every core)")
     add("--kv_cache_bytes", type=int, default=0,
         help="memory budget of the KV cache per model (0: max_slots slots)")
+    add("--draft", default=None,
+        help="speculative decoding: a draft model's LiteRT files (an export version directory, "
+             "e.g. the same model exported with --litert int4, or a .tflite keras-llm wrote); "
+             "a request decoding alone gets the same tokens sooner")
+    add("--speculative_tokens", type=int, default=SPECULATIVE_TOKENS,
+        help="draft tokens checked per step (1-7)")
     add("--metrics_port", type=int, default=None)
     add("--profiler_port", type=int, default=None)
     add("--grace_period_s", type=float, default=30.0)
@@ -1320,7 +1327,8 @@ def main(argv=None):
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes,
                           backend=args.engine_backend, num_threads=threads,
-                          max_batch_size=args.max_batch_size)
+                          max_batch_size=args.max_batch_size, draft=args.draft or "",
+                          speculative_tokens=args.speculative_tokens)
     if args.batching_parameters_file:
         read_batching_parameters(args.batching_parameters_file, config)
     if args.max_slots:

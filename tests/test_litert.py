@@ -237,13 +237,15 @@ def test_export_records_the_litert_file(litert_server):
         meta = json.load(handle)
     files = meta["litert"].pop("files")
     assert meta["litert"] == {"file": "assets.extra/litert/model.tflite", "precision": "float32",
-                              "batch_sizes": [1, 2, 4], "max_length": 128, "lengths": [24, 48]}
+                              "batch_sizes": [1, 2, 4], "max_length": 128, "lengths": [24, 48],
+                              "verify_length": 8}
     # One file per step, the prefill's first.
-    assert files[0] == meta["litert"]["file"] and len(files) == 1 + 3 * 3
+    assert files[0] == meta["litert"]["file"] and len(files) == 1 + 3 * 3 + 3
     assert all(os.path.isfile(os.path.join(path, f)) for f in files)
     runner = litert.LiteRTRunner([os.path.join(path, f) for f in files], num_threads=1)
-    assert set(runner.signatures) == {"prefill"} | {f"decode_b{b}{s}" for b in (1, 2, 4)
-                                                    for s in ("_s24", "_s48", "")}
+    caches = ("_s24", "_s48", "")
+    assert set(runner.signatures) == ({"prefill"} | {f"verify{s}" for s in caches}
+                                      | {f"decode_b{b}{s}" for b in (1, 2, 4) for s in caches})
 
 
 def test_server_uses_litert_and_matches_the_generator(litert_server):

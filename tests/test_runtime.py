@@ -292,11 +292,12 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
     paths = artifacts.cached_litert(directory, "float32")
     path = paths[0]
     assert os.path.dirname(path) == os.path.join(directory, "litert")
-    # One file per step (the prefill, decode for 1, 4, 16; the tiny model's
-    # 256-position context leaves no shorter cache), and the manifest.
+    # One file per step (the prefill, decode for 1, 4, 16, the verify step
+    # of speculative decoding; the tiny model's 256-position context leaves
+    # no shorter cache), and the manifest.
     assert sorted(os.listdir(os.path.dirname(path))) == [
         "float32.decode_b1.tflite", "float32.decode_b16.tflite", "float32.decode_b4.tflite",
-        "float32.json", "float32.tflite"]
+        "float32.json", "float32.tflite", "float32.verify.tflite"]
     built = os.stat(path).st_mtime_ns
     again = keras_llm.load(directory, progress=False)
     again.generate("hello", max_new_tokens=2)

@@ -18,6 +18,7 @@ Nothing here imports TensorFlow; `build_litert` imports the converter only
 when a file has to be built.
 """
 
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -33,17 +34,18 @@ METADATA_FILE = "keras_llm.json"
 EXPORT_LITERT = os.path.join("assets.extra", "litert", "model.tflite")
 EXPORT_METADATA = os.path.join("assets", "keras_llm.json")
 
-# What a LiteRT file holds by default, for a model directory and for an
-# export alike (so an export copies the file its model already has): decode
-# steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
-# and a 64-token prefill. Signatures are prepared on first use, so one
-# answer from the CLI pays for the two it runs, not for all seven.
 # The quantized LiteRT precisions: smoothed on calibration text when converted,
 # and what `keras-llm optimize --quantize` writes beside a model.
 QUANTIZED_LITERT = ("int8", "int4")
-LITERT_LAYOUT = 2  # one file per signature (`keras_llm.litert.convert(split=True)`)
+LITERT_LAYOUT = 3  # one file per signature (`litert.convert(split=True)`), verify steps included
+# What a LiteRT file holds by default, for a model directory and for an
+# export alike (so an export copies the file its model already has): decode
+# steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
+# a 64-token prefill and an 8-token verify step (speculative decoding).
+# Signatures are prepared on first use, so one answer from the CLI pays for
+# the two it runs, not for all eight.
 DEFAULT_LITERT = {"max_length": 1024, "batch_sizes": [1, 4, 16], "lengths": [256],
-                  "prefill_length": 64}
+                  "prefill_length": 64, "verify_length": 8}
 
 
 def home():
@@ -145,6 +147,7 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    batch_sizes=options["batch_sizes"],
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
                    prefill_length=min(options["prefill_length"], context),
+                   verify_length=min(options.get("verify_length", 0), context),
                    calibration_ids=(litert.calibration_ids(tokenizer)
                                     if tokenizer is not None and precision in QUANTIZED_LITERT
                                     else None), split=True,
@@ -184,6 +187,24 @@ def export_litert_files(export_dir, metadata):
     names = record.get("files") or ([record["file"]] if record.get("file") else [])
     return [os.path.join(export_dir, name) for name in names
             if os.path.isfile(os.path.join(export_dir, name))]
+
+
+def litert_files(path):
+    """The LiteRT files at `path` (a list, the prefill's first): an export
+    version directory's, or those of a `.tflite` file keras-llm wrote (its
+    signatures' files lie beside it as `<stem>.<signature>.tflite`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        metadata = os.path.join(path, EXPORT_METADATA)
+        if os.path.isfile(metadata):
+            with open(metadata, encoding="utf-8") as handle:
+                files = export_litert_files(path, json.load(handle))
+            if files:
+                return files
+        raise ValueError(f"{path} is not an export version with LiteRT files")
+    if not (path.endswith(".tflite") and os.path.isfile(path)):
+        raise ValueError(f"{path} is not a .tflite file or an export version directory")
+    return [path] + sorted(glob.glob(glob.escape(path[:-len(".tflite")]) + ".*.tflite"))
 
 
 def precision_of(metadata):

@@ -11,6 +11,13 @@ else: which request is in which slot, sampling, stops and streaming.
                                       its own position -> (greedy (n,), logits (n, V))
     prompt_positions(n, reserve)      cache positions an n-token prompt takes
 
+and, for speculative decoding (`keras_llm.runtime.speculative`), where
+`capabilities.verify_length` is nonzero:
+
+    verify(tokens, slot)              up to `verify_length` tokens into a slot in
+                                      one call -> logits (n, V), one row per token
+    rewind(slot, length)              keep the slot's first `length` positions
+
 Positions are the backend's business (a backend that left-pads prompts to
 shape buckets knows where each row's next token goes); the engine only
 promises that a slot's tokens arrive in order.
@@ -30,6 +37,7 @@ class Capabilities:
         vocabulary_size: logits per row.
         dtype: the weights' precision ("float32", "int8", ...).
         row_counts: the step sizes the backend compiles (the engine warms them).
+        verify_length: most tokens one `verify` call takes (0: no `verify`).
     """
 
     name: str
@@ -38,6 +46,7 @@ class Capabilities:
     vocabulary_size: int
     dtype: str = "float32"
     row_counts: tuple = ()
+    verify_length: int = 0
 
 
 def row_counts(num_slots):
@@ -78,6 +87,16 @@ class Backend:
         are None when `need_logits` is False.
         """
         raise NotImplementedError
+
+    def verify(self, tokens, slot):
+        """Feed `tokens` to `slot` at its next positions in one call; float32
+        logits `(n, V)`, row `i` after `tokens[i]`."""
+        raise NotImplementedError(f"the {self.capabilities.name} backend has no verify step")
+
+    def rewind(self, slot, length):
+        """Forget all but the first `length` positions of `slot` (the next
+        token goes to position `length`)."""
+        raise NotImplementedError(f"the {self.capabilities.name} backend cannot rewind a slot")
 
     def close(self):
         """Free what the backend holds."""

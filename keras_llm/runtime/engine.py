@@ -25,6 +25,7 @@ import numpy as np
 from keras_llm.runtime.params import InvalidParams, SamplingParams
 from keras_llm.runtime.sampling import sample, token_logprobs
 from keras_llm.runtime.sequence import Sequence
+from keras_llm.runtime.speculative import SPECULATIVE_TOKENS, Speculator, verify
 
 LOG = logging.getLogger("keras_llm.runtime.engine")
 
@@ -68,12 +69,15 @@ class EngineConfig:
         default_max_new_tokens: used when a request asks for 0 new tokens
             through a server (`SamplingParams(max_new_tokens=0)` otherwise
             means none).
+        speculative_tokens: draft tokens per verify call, with a draft
+            model (`keras_llm.runtime.speculative`).
     """
 
     max_slots: int = 16
     max_queue: int = 64
     max_length: int = 1024
     default_max_new_tokens: int = 128
+    speculative_tokens: int = SPECULATIVE_TOKENS
 
 
 @dataclasses.dataclass
@@ -160,13 +164,18 @@ class Engine:
             or `BytePairTokenizer`); None for ids-only use.
         config: an `EngineConfig`.
         stop_ids: the model's stop ids (default: the tokenizer's).
+        draft: a backend over a smaller model with the same vocabulary:
+            while one request decodes, it guesses the next tokens and the
+            original checks them in one step (`keras_llm.runtime.speculative`;
+            the output stays the original's own). `backend` needs a `verify`
+            step (LiteRT files built with `verify_length`).
 
     Example:
         >>> engine = Engine(LiteRTBackend(path), HostTokenizer.load(model_dir))
         >>> [result] = engine.generate([[1, 4093, 198]], SamplingParams(max_new_tokens=16))
     """
 
-    def __init__(self, backend, tokenizer=None, config=None, stop_ids=None):
+    def __init__(self, backend, tokenizer=None, config=None, stop_ids=None, draft=None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
@@ -177,6 +186,16 @@ class Engine:
         slots, length = backend.allocate(min(self.config.max_slots, caps.max_slots),
                                          self.config.max_length)
         self.num_slots, self.max_length = int(slots), int(length)
+        self.speculator = None
+        if draft is not None:
+            if caps.verify_length < 2:
+                raise ValueError(f"speculative decoding needs a backend with a verify step; the "
+                                 f"{caps.name} backend has none (LiteRT files convert with one)")
+            if draft.capabilities.vocabulary_size != caps.vocabulary_size:
+                raise ValueError(
+                    f"the draft model has {draft.capabilities.vocabulary_size} tokens, the model "
+                    f"{caps.vocabulary_size}: a draft must share the model's vocabulary")
+            self.speculator = Speculator(draft, self.config.speculative_tokens)
         self._slots = [None] * self.num_slots
         self._waiting = []
         self._admitting = set()  # slots of requests taken from the queue, being prefilled
@@ -278,13 +297,16 @@ class Engine:
         return self
 
     def warmup(self):
-        """Run every step size the backend compiles once, then a request."""
+        """Run every step size the backend compiles once, then a request
+        (with a draft model: one that speculates)."""
         rows = [r for r in self.backend.capabilities.row_counts if r <= self.num_slots]
         for count in rows or [1]:
             for slot in range(count):
                 self.backend.prefill([0], slot)
             self.backend.step(np.zeros([count], np.int32), np.arange(count))
-        self.generate([[0]], SamplingParams(max_new_tokens=2), text=False)
+        # long enough for a speculative step (the draft and the verify step) too
+        tokens = 2 + (self.speculator.tokens if self.speculator is not None else 0)
+        self.generate([[0]], SamplingParams(max_new_tokens=tokens, ignore_eos=True), text=False)
         self.ready.set()
 
     def stop(self, timeout=None):
@@ -371,6 +393,8 @@ class Engine:
 
     def _step(self):
         rows = [i for i, r in enumerate(self._slots) if r is not None]
+        if self.speculator is not None and len(rows) == 1 and self._speculate(rows[0]):
+            return
         requests = [self._slots[i] for i in rows]
         tokens = np.array([r.sequence.tokens[-1] for r in requests], np.int32)
         sampled = [r for r in requests if not r.params.greedy]
@@ -383,6 +407,21 @@ class Engine:
                             [len(r.sequence.tokens) for r in requests])
         for row, (index, token) in enumerate(zip(rows, greedy)):
             self._emit(index, int(token), logits[row] if scored else None)
+
+    def _speculate(self, index):
+        """A speculative step for the one decoding request; False when there
+        is no room for one (the plain step runs instead)."""
+        request = self._slots[index]
+        made = len(request.sequence.tokens)
+        step = verify(self.backend, self.speculator, index, request, made,
+                      request.params.max_new_tokens - made)
+        if step is None:
+            return False
+        for token, logits in zip(*step):
+            self._emit(index, token, logits)
+            if self._slots[index] is not request:  # it finished
+                break
+        return True
 
     def _emit(self, index, token, logits=None):
         request = self._slots[index]
@@ -410,6 +449,8 @@ class Engine:
         if index is not None:
             request = self._slots[index]
             self._slots[index] = None
+        if self.speculator is not None:
+            self.speculator.forget(request)
         seq = request.sequence
         tail = seq.finish(reason) if not seq.done or reason != seq.finish_reason else ""
         if tail:

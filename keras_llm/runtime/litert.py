@@ -81,6 +81,7 @@ class LiteRTRunner:
         num_threads: XNNPACK threads (default: every CPU core).
 
     Attributes:
+        verify_length: tokens per `verify` call (0: the files have none).
         batch_sizes: the decode batch sizes the file has.
         lengths: the cache lengths of its decode steps (the last is `max_length`).
         max_length: cache positions per sequence.
@@ -115,6 +116,9 @@ class LiteRTRunner:
         self.prefill_length = prefill.shape("tokens")[1]
         _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
         self.num_layers = sum(name.startswith("k_") for name in prefill._inputs)  # pylint: disable=protected-access
+        self.verifiers = sorted((sig for key, sig in self.signatures.items()
+                                 if key.startswith("verify")), key=lambda sig: sig.length)
+        self.verify_length = self.verifiers[0].shape("tokens")[1] if self.verifiers else 0
         self.decoders = {(sig.batch_size, sig.length): sig
                          for key, sig in self.signatures.items() if key.startswith("decode_b")}
         self.batch_sizes = sorted({batch for batch, _ in self.decoders})
@@ -239,9 +243,13 @@ class LiteRTBackend(Backend):
         r = self.runner
         vocabulary = int(r.signatures["prefill"].shape("logits")[-1])
         self.capabilities = Capabilities("litert", int(r.batch_sizes[-1]), int(r.max_length),
-                                         vocabulary, dtype, tuple(int(b) for b in r.batch_sizes))
+                                         vocabulary, dtype, tuple(int(b) for b in r.batch_sizes),
+                                         int(r.verify_length))
         self.active = None
         self._positions = np.zeros([r.batch_sizes[-1]], np.int64)
+        # Each verify signature keeps one slot's past in its own buffers:
+        # {signature: (slot, positions of it that are current there)}.
+        self._mirrors = {}
 
     def allocate(self, num_slots, max_length):
         # The file's buffers are fixed: grant what fits in them.
@@ -262,6 +270,7 @@ class LiteRTBackend(Backend):
     def prefill(self, token_ids, slot, reserve=0):
         del reserve  # no padding: a prompt takes exactly its length
         ids = np.asarray(token_ids, np.int32).reshape(-1)
+        self._mirrors = {sig: held for sig, held in self._mirrors.items() if held[0] != slot}
         # Never shrink here: the active signature holds the other busy rows.
         rows, length = slot + 1, len(ids) + 1
         if self.active is not None:
@@ -297,6 +306,48 @@ class LiteRTBackend(Backend):
         logits = (np.array(signature.views["logits"][rows], np.float32) if need_logits
                   else None)
         return greedy[rows].astype(np.int32), logits
+
+    def verify(self, tokens, slot):
+        ids = np.asarray(tokens, np.int32).reshape(-1)
+        count, width = len(ids), self.capabilities.verify_length
+        if not 0 < count <= width:
+            raise ValueError(f"verify takes 1 to {width} tokens, got {count}")
+        start = int(self._positions[slot])
+        if start + count > self.capabilities.max_length:
+            raise ValueError(f"positions up to {start + count} exceed the file's "
+                             f"{self.capabilities.max_length}")
+        # the shortest cache that holds the slot's positions, as decode steps do
+        check = self.runner.ready(next(sig for sig in self.runner.verifiers
+                                       if sig.length >= start + count))
+        rows = max(slot + 1, self.active.batch_size if self.active is not None else 1)
+        target = self._activate(rows, max(start + count, self.active.length
+                                          if self.active is not None else 0))
+        owner, current = self._mirrors.get(check, (None, 0))
+        current = current if owner == slot else 0
+        views, names = check.views, self.runner._cache_names  # pylint: disable=protected-access
+        for name in names:  # the slot's positions the verify buffers lack
+            views[name][0, :, current:start] = target.views[name][slot, :, current:start]
+        views["tokens"][...] = 0
+        views["tokens"][0, :count] = ids
+        views["index"][0] = start
+        views["key_start"][0] = 0
+        check.run()
+        for name in names:
+            new = views[f"new_{name}"][0, :, :count]
+            views[name][0, :, start:start + count] = new
+            target.views[name][slot, :, start:start + count] = new
+        self._positions[slot] = start + count
+        self._mirrors[check] = (slot, start + count)
+        return np.array(views["logits"][0, :count], np.float32)
+
+    def rewind(self, slot, length):
+        length = int(length)
+        if not 0 <= length <= self._positions[slot]:
+            raise ValueError(f"slot {slot} holds {self._positions[slot]} positions, "
+                             f"cannot keep {length}")
+        self._positions[slot] = length
+        self._mirrors = {sig: (owner, min(current, length) if owner == slot else current)
+                         for sig, (owner, current) in self._mirrors.items()}
 
     def close(self):
         self.active = None
