@@ -211,18 +211,18 @@ def test_cancel_frees_slot_and_queue_limit(server):
     stub = generation_pb2_grpc.GenerationStub(channel)
     long_request = generation_pb2.GenerateRequest(
         text="a", sampling=generation_pb2.SamplingOptions(max_new_tokens=100))
-    calls = [stub.Generate(long_request, timeout=DEADLINE) for _ in range(4)]  # fill all slots
-    for call in calls:
-        next(call)
-    extra = [stub.Generate(long_request, timeout=DEADLINE) for _ in range(3)]  # fill the queue
-    deadline = time.time() + 30
-    while engine.stats()["waiting"] < 3 and time.time() < deadline:
-        time.sleep(0.01)
-    with pytest.raises(grpc.RpcError) as info:
-        next(stub.Generate(long_request, timeout=DEADLINE))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    for call in calls + extra:
-        call.cancel()
+    # The scheduler held still (a tiny model answers 100 tokens in a few
+    # milliseconds): 4 slots' worth and the 3 queue places stay taken.
+    with engine.engine._driver:  # pylint: disable=protected-access
+        calls = [stub.Generate(long_request, timeout=DEADLINE) for _ in range(7)]
+        deadline = time.time() + 30
+        while engine.stats()["waiting"] < 7 and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stub.Generate(long_request, timeout=DEADLINE))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in calls:
+            call.cancel()
     deadline = time.time() + 30
     idle = {"running": 0, "decoding": 0, "prefilling": 0, "waiting": 0}
     while engine.stats() != idle and time.time() < deadline:
