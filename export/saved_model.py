@@ -495,14 +495,14 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
         for source, target in zip(cached, paths):
             shutil.copyfile(source, target)
     else:
-        paths = litert.convert(lm.model, path,
+        paths = [litert.convert(lm.model, path,
                                quantization=None if precision == "float32" else precision,
                                max_length=max_length, batch_sizes=batch_sizes,
                                prefill_length=options["prefill_length"],
                                verify_length=options["verify_length"],
                                calibration_ids=(litert.calibration_ids(lm.tokenizer)
                                                 if precision in artifacts.QUANTIZED_LITERT else None),
-                               lengths=lengths, split=True)
+                               lengths=lengths)]
     metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
                           "files": [os.path.relpath(p, staging) for p in paths],
                           "precision": precision,

@@ -15,6 +15,7 @@ import keras_llm
 from keras_llm import saving, samplers
 from keras_llm.runtime import artifacts, sampling
 from keras_llm.runtime.engine import Engine, EngineConfig, InvalidRequest, QueueFull
+from keras_llm.runtime.litert import weights_cache_path
 from keras_llm.runtime.params import InvalidParams, SamplingParams
 from keras_llm.runtime.sequence import Sequence
 from keras_llm.runtime.tokenizer import HostTokenizer
@@ -292,17 +293,24 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
     paths = artifacts.cached_litert(directory, "float32")
     path = paths[0]
     assert os.path.dirname(path) == os.path.join(directory, "litert")
-    # One file per step (the prefill, decode for 1, 4, 16, the verify step
-    # of speculative decoding; the tiny model's 256-position context leaves
-    # no shorter cache), and the manifest.
-    assert sorted(os.listdir(os.path.dirname(path))) == [
-        "float32.decode_b1.tflite", "float32.decode_b16.tflite", "float32.decode_b4.tflite",
-        "float32.json", "float32.tflite", "float32.verify.tflite"]
-    built = os.stat(path).st_mtime_ns
+    # One file for every step (the prefill, decode for 1, 4, 16, the verify
+    # step of speculative decoding; the tiny model's 256-position context
+    # leaves no shorter cache), the manifest, and XNNPACK's packed weights.
+    listing = sorted(os.listdir(os.path.dirname(path)))
+    assert listing[:2] == ["float32.json", "float32.tflite"] and len(listing) == 3
+    cache = os.path.join(directory, "litert", listing[2])
+    assert cache == weights_cache_path(path)
+    assert set(first.engine.backend.runner.signatures) == {
+        "prefill", "verify", "decode_b1", "decode_b4", "decode_b16"}
+    # Seven signatures, one packed copy of the weights between them.
+    weights = sum(w.numpy().nbytes for w in lm.model.weights)
+    assert weights < os.path.getsize(cache) < 1.5 * weights
+    built, packed = os.stat(path).st_mtime_ns, os.stat(cache).st_mtime_ns
     again = keras_llm.load(directory, progress=False)
     again.generate("hello", max_new_tokens=2)
-    assert os.stat(path).st_mtime_ns == built  # reused
-    # One short answer prepares one file: its prompt ran through the decode step.
+    assert os.stat(path).st_mtime_ns == built and os.stat(cache).st_mtime_ns == packed  # reused
+    # One short answer allocates one step's buffers: its prompt ran through
+    # the decode step.
     runner = again.engine.backend.runner
     assert [k for k, s in runner.signatures.items() if s.allocated] == ["decode_b1"]
     long_prompt = "hello world " * 6  # past SHORT_PROMPT tokens: the prefill step
@@ -315,6 +323,9 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
     keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
     assert artifacts.cached_litert(directory, "float32") == paths
     assert os.stat(path).st_mtime_ns != built
+    # the old packed weights made way for the new file's
+    assert [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".xnnpack")] == [
+        os.path.basename(weights_cache_path(path))]
     with open(path.replace(".tflite", ".json"), encoding="utf-8") as handle:
         assert json.load(handle)["key"]["precision"] == "float32"
 

@@ -6,7 +6,9 @@ This module owns the file layout that the rest of keras-llm reads:
   beside the weights: `litert/<precision>.tflite` with a manifest
   `litert/<precision>.json` recording what it was built from (the weights
   file's size and modification time, the keras-llm and TensorFlow versions,
-  the conversion options). A changed model, converter or option set gives a
+  the conversion options), and XNNPACK's packed weights beside it
+  (`<file>.<key>.xnnpack`, `keras_llm.runtime.litert`). A changed
+  model, converter or option set gives a
   different key and the file is rebuilt; files are written to a staging
   name and renamed into place, so a crash never leaves half a file.
 - A model that is not a directory (a `.gguf`, `.keras` or `.h5` file) keeps
@@ -37,7 +39,9 @@ EXPORT_METADATA = os.path.join("assets", "keras_llm.json")
 # The quantized LiteRT precisions: smoothed on calibration text when converted,
 # and what `keras-llm optimize --quantize` writes beside a model.
 QUANTIZED_LITERT = ("int8", "int4")
-LITERT_LAYOUT = 3  # one file per signature (`litert.convert(split=True)`), verify steps included
+# One file holding every signature over one set of weights (XNNPACK's weights
+# cache packs them once for all; `keras_llm.runtime.litert`).
+LITERT_LAYOUT = 4
 # What a LiteRT file holds by default, for a model directory and for an
 # export alike (so an export copies the file its model already has): decode
 # steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
@@ -124,9 +128,9 @@ def cached_litert(source, precision, options=None):
 
 def build_litert(source, model, tokenizer, precision, options=None, progress=True):
     """Convert `model` (loaded from `source`) and store it as `source`'s
-    LiteRT files (one per decode signature, `keras_llm.litert.convert`'s
-    `split`); returns their paths. Each file is written atomically and the
-    manifest, which makes them valid, last."""
+    LiteRT file (every signature in one file over one set of weights);
+    returns `[path]`. The file is written atomically and the manifest, which
+    makes it valid, last."""
     from keras_llm import litert  # pylint: disable=import-outside-toplevel  (TensorFlow)
     options = dict(DEFAULT_LITERT if options is None else options)
     path, manifest = litert_paths(source, precision)
@@ -142,7 +146,10 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    enabled=bool(progress) and sys.stderr.isatty())
     if os.path.exists(manifest):  # stale: the manifest goes first, then the files
         os.remove(manifest)
-    paths = litert.convert(model, path, quantization=None if precision == "float32" else precision,
+    stem = glob.escape(path[:-len(".tflite")])
+    for old in glob.glob(stem + ".*.tflite") + glob.glob(stem + ".tflite.*.xnnpack"):
+        os.remove(old)  # an earlier layout's signature files, or packed weights
+    paths = [litert.convert(model, path, quantization=None if precision == "float32" else precision,
                    max_length=min(options["max_length"], context),
                    batch_sizes=options["batch_sizes"],
                    lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
@@ -150,8 +157,8 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
                    verify_length=min(options.get("verify_length", 0), context),
                    calibration_ids=(litert.calibration_ids(tokenizer)
                                     if tokenizer is not None and precision in QUANTIZED_LITERT
-                                    else None), split=True,
-                   progress=lambda fraction: bar.update(round(1000 * fraction)))
+                                    else None),
+                   progress=lambda fraction: bar.update(round(1000 * fraction)))]
     bar.close()
     handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
     with os.fdopen(handle, "w", encoding="utf-8") as out:

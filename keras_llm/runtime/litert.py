@@ -1,79 +1,157 @@
 """The LiteRT/XNNPACK backend: runs a file written by `keras_llm.litert.convert`.
 
-Nothing here imports TensorFlow: the interpreter comes from `ai_edge_litert`
+Nothing here imports TensorFlow: the runtime comes from `ai_edge_litert`
 and everything else is numpy, so a process that decodes with LiteRT starts
 in about a second. (`keras_llm.litert` converts; it needs TensorFlow.)
 
-The past keys/values live in the interpreter's own input buffers and each
-step's new keys/values are written into them in place. Each decode signature
-(batch size x cache length) has its own buffers; `LiteRTBackend` keeps one
-active, holding every busy slot, and moves to a larger or smaller one with a
-single copy when the batch or the longest sequence needs it.
+A file is compiled with LiteRT's `CompiledModel` and XNNPACK's file-backed
+weights cache (`weights_cache_path`): XNNPACK packs each weight once for all
+of the file's signatures (decode steps of every batch size and cache
+length, the prefill, the verify steps) into a cache file that later
+processes memory-map instead of packing again. One file's signatures thus
+hold one packed copy of the weights between them.
+
+The past keys/values live in the runtime's own input buffers (numpy views
+of their host memory) and each step's new keys/values are written into them
+in place. Each decode signature (batch size x cache length) has its own
+buffers, allocated when it is first used; `LiteRTBackend` keeps one active,
+holding every busy slot, and moves to a larger or smaller one with a single
+copy when the batch or the longest sequence needs it.
 """
 
+import ctypes
+import glob
+import hashlib
 import os
 
 import numpy as np
 
 from keras_llm.runtime.backend import Backend, Capabilities
 
-# Prompts up to this many tokens may run through the decode step instead of
-# the prefill step (see `LiteRTBackend.prefill`): about where preparing the
-# prefill's weights (0.3 s for SmolLM2) stops paying for itself.
-SHORT_PROMPT = 24
+# Prompts up to this many tokens go through the decode step (one row) instead
+# of the prefill step: a 64-token prefill call costs about seven decode steps
+# (SmolLM2, float32).
+SHORT_PROMPT = 4
+
+
+def weights_cache_path(path):
+    """Where XNNPACK keeps the packed weights of the LiteRT file `path`:
+    beside it as `<file>.<key>.xnnpack` (the key: the file's size and
+    modification time, so a rewritten file gets a new cache), or, where that
+    directory is read-only, under `$KERAS_LLM_HOME/xnnpack/` (named after
+    the file's path too)."""
+    from keras_llm.runtime.artifacts import home  # pylint: disable=import-outside-toplevel
+    path = os.path.abspath(os.fspath(path))
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    if os.access(os.path.dirname(path), os.W_OK):
+        return f"{path}.{key}.xnnpack"
+    where = hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(home(), "xnnpack", f"{os.path.basename(path)}-{where}.{key}.xnnpack")
+
+
+def _compile(path, num_threads):
+    """`CompiledModel` of `path` on the CPU with its weights cache. A new
+    cache is written under a name of this process's and renamed into place
+    once complete (XNNPACK finishes it while compiling), so processes
+    starting together never read each other's half-written cache; the
+    caches of earlier versions of the file are removed then."""
+    from ai_edge_litert.compiled_model import CompiledModel  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert.cpu_options import CpuOptions  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert.hardware_accelerator import HardwareAccelerator  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert.options import Options  # pylint: disable=import-outside-toplevel
+
+    cache = weights_cache_path(path)
+    fresh = not os.path.isfile(cache)
+    staging = f"{cache}.{os.getpid()}.partial"
+    if fresh:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+    options = Options(hardware_accelerators=HardwareAccelerator.CPU,
+                      cpu_options=CpuOptions(num_threads=num_threads,
+                                             xnnpack_weight_cache_path=staging if fresh else cache))
+    try:
+        model = CompiledModel.from_file(os.fspath(path), options=options)
+    finally:
+        if fresh and os.path.isfile(staging):
+            os.replace(staging, cache)  # the model keeps its mapping of the file
+    if fresh:
+        stem = cache[:-len(".xnnpack")].rsplit(".", 1)[0]
+        for old in glob.glob(glob.escape(stem) + ".*.xnnpack"):
+            if old != cache:
+                os.remove(old)
+    return model
+
+
+_HOST_MEMORY = None
+
+
+def _host_view(buffer):
+    """A numpy array over a `TensorBuffer`'s host memory (no copy): what the
+    runtime reads and writes when the signature runs."""
+    global _HOST_MEMORY  # pylint: disable=global-statement
+    if _HOST_MEMORY is None:
+        import ai_edge_litert  # pylint: disable=import-outside-toplevel
+        library = ctypes.CDLL(os.path.join(os.path.dirname(ai_edge_litert.__file__),
+                                           "libLiteRt.so"))
+        _HOST_MEMORY = library.LiteRtGetTensorBufferHostMemory  # LiteRT's C API
+        ctypes.pythonapi.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        ctypes.pythonapi.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    details = buffer.get_tensor_details()
+    handle = ctypes.pythonapi.PyCapsule_GetPointer(buffer.capsule, b"LiteRtTensorBuffer")
+    address = ctypes.c_void_p()
+    if _HOST_MEMORY(ctypes.c_void_p(handle), ctypes.byref(address)) != 0 or not address.value:
+        raise RuntimeError("LiteRT gave no host memory for a tensor buffer")
+    dtype = np.dtype(details["dtype"])
+    count = int(np.prod(details["shape"]))
+    memory = (ctypes.c_char * (count * dtype.itemsize)).from_address(address.value)
+    return np.frombuffer(memory, dtype).reshape(details["shape"])
 
 
 class _Signature:
-    """One signature's subgraph with persistent numpy views of its buffers.
+    """One signature of a compiled file, with persistent numpy views of its
+    input and output buffers (allocated on first use, never resized): they
+    are how the cache is written in place."""
 
-    The views stay valid because the tensors are allocated once and never
-    resized; they are how the cache is written in place.
-    """
-
-    def __init__(self, interpreter, key, definition):
-        self._wrapper = interpreter._interpreter  # pylint: disable=protected-access
-        self._base = interpreter
-        self.subgraph = self._wrapper.GetSubgraphIndexFromSignature(key)
-        self._inputs = definition["inputs"]
-        self._outputs = definition["outputs"]
+    def __init__(self, model, key):
+        self._model = model
+        self.key = key
+        self.index = model.get_signature_index(key)
+        self._inputs = model.get_input_tensor_details(key)
+        self._outputs = model.get_output_tensor_details(key)
         self.batch_size = self.shape("tokens")[0]
         self.length = self.shape("k_0")[2]  # cache positions
         self.views = {}
-        self.allocated = False
-
-    def allocate(self):
-        """Allocate the subgraph's tensors. An interpreter's first allocation
-        applies the XNNPACK delegate to (and packs the weights of) every
-        signature of its file."""
-        self._wrapper.AllocateTensors(self.subgraph)
-        self.allocated = True
-
-    @property
-    def interpreter(self):
-        return self._base
+        self._buffers = None
 
     def bind(self):
-        """Take views of every input and output (after the first invoke)."""
-        for name, index in list(self._inputs.items()) + list(self._outputs.items()):
-            self.views[name] = self._wrapper.tensor(self._base, index, self.subgraph)
+        """Allocate the signature's buffers, take views of them and zero
+        the inputs (they start uninitialized)."""
+        inputs = self._model.create_input_buffers(self.index)
+        outputs = self._model.create_output_buffers(self.index)
+        for names, buffers in ((self._inputs, inputs), (self._outputs, outputs)):
+            for name, buffer in zip(names, buffers):
+                self.views[name] = _host_view(buffer)
+        for name in self._inputs:
+            self.views[name][...] = 0
+        self._buffers = (inputs, outputs)
+
+    @property
+    def allocated(self):
+        return self._buffers is not None
 
     def shape(self, name):
         """An input's or output's shape (known before allocation)."""
-        index = self._inputs[name] if name in self._inputs else self._outputs[name]
-        return tuple(self._wrapper.TensorSize(index, self.subgraph))
-
-    def zero_inputs(self):
-        for name in self._inputs:
-            self.views[name][...] = 0
+        details = self._inputs[name] if name in self._inputs else self._outputs[name]
+        return tuple(details["shape"])
 
     def run(self):
-        self._wrapper.Invoke(self.subgraph)
+        self._model.run_by_index(self.index, *self._buffers)
 
 
 class LiteRTRunner:
     """Runs what `keras_llm.litert.convert` wrote (one file, or the files of a
     split conversion): prefill, decode steps and teacher-forced logits, with
-    each decode signature's KV cache in its interpreter's buffers.
+    each decode signature's KV cache in its own buffers.
 
     Args:
         path: the `.tflite` file, or a list of files (the first holding the
@@ -87,29 +165,26 @@ class LiteRTRunner:
         max_length: cache positions per sequence.
         prefill_length: tokens per prefill call.
 
-    Opening the files costs little (they are memory-mapped); a signature is
-    prepared on first use (`ready`), so a file none of whose signatures runs
-    never has its weights packed.
+    Compiling a file packs its weights once for all its signatures, or
+    maps the packed weights a first compile left in its weights cache; a
+    signature's buffers are allocated on first use (`ready`).
     """
 
     def __init__(self, path, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         for file in paths:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"no LiteRT file at {file}")
         self.path, self.paths = paths[0], paths
         self.signatures = {}
-        self.interpreters = []
+        self.models = []
         for file in paths:
-            interpreter = Interpreter(model_path=os.fspath(file),
-                                      num_threads=num_threads or os.cpu_count())
-            self.interpreters.append(interpreter)
-            definitions = interpreter._get_full_signature_list()  # pylint: disable=protected-access
-            for key, definition in definitions.items():
+            model = _compile(file, num_threads or os.cpu_count())
+            self.models.append(model)
+            for key in model.get_signature_list():
                 if key in self.signatures:
                     raise ValueError(f"signature {key} appears in more than one file")
-                self.signatures[key] = _Signature(interpreter, key, definition)
+                self.signatures[key] = _Signature(model, key)
         if "prefill" not in self.signatures:
             raise ValueError(f"{paths[0]} was not written by keras_llm.litert.convert")
         prefill = self.signatures["prefill"]
@@ -126,17 +201,9 @@ class LiteRTRunner:
         self._cache_names = [f"{kind}_{i}" for i in range(self.num_layers) for kind in "kv"]
 
     def ready(self, signature):
-        """Prepare a signature on first use: allocate every signature of its
-        file (the first allocation applies the XNNPACK delegate and packs the
-        file's weights; the buffers are final after it), then take views of
-        its buffers and zero its inputs (they start uninitialized)."""
-        if not signature.views:
-            if not signature.allocated:
-                for other in self.signatures.values():
-                    if other.interpreter is signature.interpreter:
-                        other.allocate()
+        """A signature with its buffers allocated (on first use)."""
+        if not signature.allocated:
             signature.bind()
-            signature.zero_inputs()
         return signature
 
     def decoder(self, batch_size, length=None):
@@ -277,12 +344,9 @@ class LiteRTBackend(Backend):
             rows = max(rows, self.active.batch_size)
             length = max(length, self.active.length)
         target = self._activate(rows, length)
-        prefill = self.runner.signatures["prefill"]
-        if target.batch_size == 1 and not prefill.views and len(ids) <= SHORT_PROMPT:
-            # Alone, with a short prompt, before the prefill step was ever
-            # needed: feed the prompt through the decode step one token at a
-            # time rather than prepare the prefill's weights (a process that
-            # answers one question then packs one copy of the weights).
+        if target.batch_size == 1 and len(ids) <= SHORT_PROMPT:
+            # Alone, with a few tokens: decode steps cost less than a prefill
+            # call, which computes all its positions whatever the prompt.
             for position, token in enumerate(ids):
                 self.runner.step(target, ids[position:position + 1], [position])
             logits = target.views["logits"][0]
