@@ -1,7 +1,7 @@
 """Speculative decoding against the original alone, on chat prompts.
 
     python -m benchmarks.speculative [--model smollm2] [--draft int4]
-        [--tokens 3 4 5] [--new-tokens 128] [--rounds 3]
+        [--tokens 5 7] [--new-tokens 128] [--rounds 3]
 
 Each configuration runs in its own process (the original alone on its
 default backend, LiteRT float32 for SmolLM2; the original with the draft at
@@ -13,7 +13,7 @@ and answer tokens/s (all tokens over the answers' whole time, first token
 included).
 The speculative answers must be the original's token for token. Prints one
 JSON object: medians over rounds, ratios to the original alone, the draft's
-acceptance rate.
+acceptance rate, each configuration's peak memory (VmHWM).
 """
 
 import argparse
@@ -69,7 +69,10 @@ def run_one(args):
         seconds += out.decode_s
         total += out.total_s
         first.append(out.time_to_first_token_s)
+    with open("/proc/self/status", encoding="ascii") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
     result = {"decode_tokens_per_s": steps / seconds, "answer_tokens_per_s": tokens / total,
+              "peak_rss_mb": peak // 1024,
               "time_to_first_token_s": statistics.median(first), "tokens": tokens,
               "answers": answers}
     if speculator is not None:
@@ -86,7 +89,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--draft", default="int4")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[3, 4, 5])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[5, 7],
+                        help="draft tokens per verify step, one configuration each")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -116,6 +120,7 @@ def main(argv=None):
                    r["answer_tokens_per_s"] for r in results), 2),
                "time_to_first_token_s": round(statistics.median(
                    r["time_to_first_token_s"] for r in results), 4),
+               "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
                "same_tokens_as_original": all(
                    r["answers"] == runs["original"][0]["answers"] for r in results),
                "tokens": results[0]["tokens"]}

@@ -71,10 +71,12 @@ def _compile(path, num_threads):
                                              xnnpack_weight_cache_path=staging if fresh else cache))
     try:
         model = CompiledModel.from_file(os.fspath(path), options=options)
-    finally:
-        if fresh and os.path.isfile(staging):
-            os.replace(staging, cache)  # the model keeps its mapping of the file
-    if fresh:
+    except BaseException:
+        if os.path.isfile(staging):
+            os.remove(staging)
+        raise
+    if fresh and os.path.isfile(staging):
+        os.replace(staging, cache)  # the model keeps its mapping of the file
         stem = cache[:-len(".xnnpack")].rsplit(".", 1)[0]
         for old in glob.glob(glob.escape(stem) + ".*.xnnpack"):
             if old != cache:
