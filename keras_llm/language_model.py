@@ -82,8 +82,9 @@ class LanguageModel:
             decodes: "int4" or "int8" (this model's own weights in that
             precision, converted once and kept beside it), or another
             model with the same vocabulary: a `LanguageModel`, what `load`
-            takes, or LiteRT files (`artifacts.litert_files`). The output stays this model's own (greedy, and
-            sampled with a seed); needs the LiteRT backend.
+            takes, or LiteRT files (`artifacts.litert_files`). The output
+            stays this model's own (greedy, and sampled with a seed); needs
+            the LiteRT backend.
         speculative_tokens: draft tokens checked per step of this model.
 
     Example:
