@@ -135,7 +135,8 @@ def _settings(model):
 
 def decode_one(args):
     """One engine in this process: decode tokens/s at batch 1 and the
-    aggregate over 16 sequences (each a median of 3 after a warm-up)."""
+    aggregate over 16 sequences (each a median of 3 after a warm-up), and
+    the process's peak memory."""
     settings = _settings(args.model)
     if args.engine.startswith("llama.cpp"):
         from benchmarks import llama_cpp  # pylint: disable=import-outside-toplevel
@@ -166,6 +167,9 @@ def decode_one(args):
             out["aggregate_tokens_per_s_16"] = statistics.median(
                 batch * settings.new_tokens / (r.time_to_first_token_s + r.decode_s) for r in runs)
         out[f"tokens_b{batch}"] = runs[-1].tokens[0][:24]
+    with open("/proc/self/status", encoding="ascii") as status:  # 16 sequences' caches held
+        out["peak_rss_mb"] = next(int(line.split()[1]) // 1024 for line in status
+                                  if line.startswith("VmHWM"))
     return out
 
 
@@ -185,7 +189,8 @@ def decode(args):
                 raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
             results[name].append(json.loads(proc.stdout))
     summary = {name: {key: statistics.median(r[key] for r in runs)
-                      for key in ("decode_tokens_per_s_b1", "aggregate_tokens_per_s_16")}
+                      for key in ("decode_tokens_per_s_b1", "aggregate_tokens_per_s_16",
+                                  "peak_rss_mb")}
                for name, runs in results.items()}
     ours, theirs = list(summary)
     summary["ratios"] = {key: summary[ours][key] / summary[theirs][key] for key in summary[ours]}
