@@ -242,32 +242,39 @@ class LiteRTRunner:
         if not 0 < len(ids) <= self.max_length - start:
             raise ValueError(f"sequence of {len(ids)} tokens from position {start}; this file "
                              f"holds {self.max_length} positions")
-        offset = start
         step = self.ready(self.signatures["prefill"])
-        views, width = step.views, self.prefill_length
+        width = self.prefill_length
         pieces = []
         for first in range(0, len(ids), width):
             chunk = ids[first:first + width]
+            logits = self.run_chunk(step, chunk, start + first, start, targets,
+                                    keep=first + width < len(ids))
             count = len(chunk)
-            at = offset + first
-            tokens = views["tokens"]
-            tokens[...] = 0
-            tokens[0, :count] = chunk
-            views["index"][0] = at
-            views["key_start"][0] = offset
-            step.run()
-            more = first + width < len(ids)
-            for name in self._cache_names:
-                new = views[f"new_{name}"][0, :, :count]
-                if more:
-                    views[name][0, :, at:at + count] = new
-                for target, row in targets:
-                    stop = min(at + count, target.length)
-                    if stop > at:
-                        target.views[name][row, :, at:stop] = new[:, :stop - at]
-            logits = views["logits"][0]
             pieces.append(np.array(logits[:count]) if all_logits else np.array(logits[count - 1]))
         return np.concatenate(pieces) if all_logits else pieces[-1]
+
+    def run_chunk(self, signature, ids, at, key_start, targets=(), keep=True):
+        """Run one sequence's `ids` (at most the signature's width) through a
+        prefill-shaped signature at cache positions `at, at + 1, ...`,
+        attending to positions from `key_start`; write their keys/values
+        into the signature's own cache (with `keep`) and into row `row` of
+        each `(signature, row)` in `targets`. Returns the logits view `(T, V)`
+        (its first `len(ids)` rows are theirs)."""
+        views, count = signature.views, len(ids)
+        views["tokens"][...] = 0
+        views["tokens"][0, :count] = ids
+        views["index"][0] = at
+        views["key_start"][0] = key_start
+        signature.run()
+        for name in self._cache_names:
+            new = views[f"new_{name}"][0, :, :count]
+            if keep:
+                views[name][0, :, at:at + count] = new
+            for target, row in targets:
+                stop = min(at + count, target.length)
+                if stop > at:
+                    target.views[name][row, :, at:stop] = new[:, :stop - at]
+        return views["logits"][0]
 
     def __call__(self, token_ids, training=False):
         """Teacher-forced logits `(B, T, V)` for `(B, T)` token ids."""
@@ -390,21 +397,13 @@ class LiteRTBackend(Backend):
                                           if self.active is not None else 0))
         owner, current = self._mirrors.get(check, (None, 0))
         current = current if owner == slot else 0
-        views, names = check.views, self.runner._cache_names  # pylint: disable=protected-access
-        for name in names:  # the slot's positions the verify buffers lack
-            views[name][0, :, current:start] = target.views[name][slot, :, current:start]
-        views["tokens"][...] = 0
-        views["tokens"][0, :count] = ids
-        views["index"][0] = start
-        views["key_start"][0] = 0
-        check.run()
-        for name in names:
-            new = views[f"new_{name}"][0, :, :count]
-            views[name][0, :, start:start + count] = new
-            target.views[name][slot, :, start:start + count] = new
+        for name in self.runner._cache_names:  # pylint: disable=protected-access
+            # the slot's positions the verify buffers lack
+            check.views[name][0, :, current:start] = target.views[name][slot, :, current:start]
+        logits = self.runner.run_chunk(check, ids, start, 0, [(target, slot)])
         self._positions[slot] = start + count
         self._mirrors[check] = (slot, start + count)
-        return np.array(views["logits"][0, :count], np.float32)
+        return np.array(logits[:count], np.float32)
 
     def rewind(self, slot, length):
         length = int(length)
