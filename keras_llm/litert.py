@@ -46,6 +46,7 @@ Example:
     >>> tokens, stats = runner.generate_ids([[1, 2, 3]], max_new_tokens=16)
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -54,8 +55,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 from keras_llm.layers import KVCacheContext
-from keras_llm.litert_fusion import fuse_projections, split_signatures
-from keras_llm.litert_int4 import BLOCK as INT4_BLOCK, quantize_int4
+from keras_llm.litert_fusion import (_serialize_without, fuse_model, fuse_projections,
+                                     split_signatures)
+from keras_llm.litert_int4 import BLOCK as INT4_BLOCK, quantize_int4, quantize_int4_model
+from keras_llm.litert_weights import WEIGHT_INPUT, bind_weights, quantize_int8
 from keras_llm.runtime.litert import LiteRTRunner  # noqa: F401  (re-exported)
 from keras_llm.models import config_from_model, find_layer
 
@@ -220,31 +223,89 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
 # ----- conversion --------------------------------------------------------------
 
 
-def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), verify_length=0):
+def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), verify_length=0,
+                    weights=None):
     """The tf.functions that become the .tflite signatures, by name, and the
     object the converter saves them with.
 
-    That object tracks the model's variables and nothing else: a tracked
-    Keras model has every layer's call traced into the converter's
+    With `weights` (from `_weight_inputs`) every function takes the model's
+    weights as inputs `w_{j}` after the caches and the object tracks
+    nothing; otherwise it tracks the model's variables and nothing else (a
+    tracked Keras model has every layer's call traced into the converter's
     intermediate SavedModel, and tracked tf.functions are traced again for
-    it; together half of the conversion's time.
+    it; together half of such a conversion's time).
     """
     c = config_from_model(model)
     holder = tf.Module(name="litert_steps")
-    holder.weights = list(model.weights)
+    if weights is None:
+        holder.weights = list(model.weights)
     functions = {}
+
+    def add(name, batch, length, cache_length):
+        functions[name] = _step_function(model, c, batch, length, cache_length, name, weights)
+
     for batch in batch_sizes:
         for cache_length in (*lengths, max_length):
-            name = f"decode_b{batch}" + (f"_s{cache_length}" if cache_length < max_length else "")
-            functions[name] = _step_function(model, c, batch, 1, cache_length, name)
-    functions["prefill"] = _step_function(model, c, 1, prefill_length, max_length, "prefill")
+            add(f"decode_b{batch}" + (f"_s{cache_length}" if cache_length < max_length else ""),
+                batch, 1, cache_length)
+    add("prefill", 1, prefill_length, max_length)
     for cache_length in (*lengths, max_length) if verify_length else ():
-        name = "verify" + (f"_s{cache_length}" if cache_length < max_length else "")
-        functions[name] = _step_function(model, c, 1, verify_length, cache_length, name)
+        add("verify" + (f"_s{cache_length}" if cache_length < max_length else ""),
+            1, verify_length, cache_length)
     return holder, functions
 
 
-def _step_function(model, c, batch, length, max_length, name):
+# Weight attributes of the layers a keras-llm model is built from (Dense,
+# TokenEmbedding, RMSNorm) and whether the converted graph reads them
+# transposed (FULLY_CONNECTED's weights are `(out, in)`).
+_WEIGHT_ATTRIBUTES = {"kernel": True, "bias": False, "embeddings": False, "scale": False}
+
+
+def _weight_inputs(model):
+    """`[(layer, attribute, index in model.weights, transposed)]` covering
+    every weight of `model`, or None if some weight is not a float32
+    variable held in one of `_WEIGHT_ATTRIBUTES` (the converter then takes
+    the weights as constants)."""
+    variables = {id(v): j for j, v in enumerate(model.weights)}
+    found = []
+    for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+        for attribute, transposed in _WEIGHT_ATTRIBUTES.items():
+            value = layer.__dict__.get(attribute)
+            if isinstance(value, tf.Variable) and id(value) in variables:
+                found.append((layer, attribute, variables[id(value)], transposed))
+    covered = {j for _, _, j, _ in found}
+    if covered != set(range(len(model.weights))) or len(found) != len(covered) or \
+            any(v.dtype != tf.float32 for v in model.weights):
+        return None
+    return found
+
+
+@contextlib.contextmanager
+def _weights_replaced(weights, tensors):
+    """Layers read `tensors` (by weight index) in place of their variables."""
+    saved = [(layer, attribute, layer.__dict__[attribute]) for layer, attribute, _, _ in weights]
+    try:
+        for layer, attribute, j, transposed in weights:
+            object.__setattr__(layer, attribute,
+                               tf.transpose(tensors[j]) if transposed else tensors[j])
+        yield
+    finally:
+        for layer, attribute, value in saved:
+            object.__setattr__(layer, attribute, value)
+
+
+def _weight_arrays(model, weights):
+    """The weights' values as the converted graph reads them (see
+    `_weight_inputs`), and their names."""
+    arrays, names = [None] * len(model.weights), [None] * len(model.weights)
+    for _, _, j, transposed in weights:
+        value = model.weights[j].numpy()
+        arrays[j] = np.ascontiguousarray(value.T) if transposed else value
+        names[j] = f"{model.name}/{model.weights[j].name.split(':')[0]}"
+    return arrays, names
+
+
+def _step_function(model, c, batch, length, max_length, name, weights=None):
     last_position_only = not name.startswith(("prefill", "verify"))
     cache = tf.TensorSpec([batch, c.num_key_value_heads, max_length, c.head_dim], tf.float32)
     specs = [tf.TensorSpec([batch, length], tf.int32, name="tokens"),
@@ -253,11 +314,19 @@ def _step_function(model, c, batch, length, max_length, name):
     for i in range(c.num_layers):
         specs += [tf.TensorSpec(cache.shape, tf.float32, name=f"k_{i}"),
                   tf.TensorSpec(cache.shape, tf.float32, name=f"v_{i}")]
+    past_end = len(specs)
+    for _, _, j, transposed in sorted(weights or (), key=lambda w: w[2]):
+        shape = model.weights[j].shape
+        specs.append(tf.TensorSpec(shape[::-1] if transposed else shape, tf.float32,
+                                   name=f"{WEIGHT_INPUT}{j}"))
 
-    def step(tokens, index, key_start, *past):
+    def step(tokens, index, key_start, *inputs):
+        past = inputs[:past_end - 3]
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(c.num_layers)]
         context = ExternalCacheContext(pairs, index, key_start, last_position_only)
-        with context.active():
+        replaced = (_weights_replaced(weights, inputs[past_end - 3:]) if weights
+                    else contextlib.nullcontext())
+        with context.active(), replaced:
             logits = model(tokens, training=False)
         logits = logits[:, -1, :] if last_position_only else logits
         outputs = {"logits": logits, "greedy": tf.argmax(logits, axis=-1, output_type=tf.int32)}
@@ -283,7 +352,7 @@ def default_lengths(max_length):
 
 def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             batch_sizes=(1, 4, 16), prefill_length=64, calibration_ids=None, lengths=(),
-            fuse=True, split=False, progress=None, verify_length=0):
+            fuse=True, split=False, progress=None, verify_length=0, freeze_weights=False):
     """Convert `model` to a LiteRT file at `path` (written atomically).
 
     Args:
@@ -311,6 +380,11 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
             file's weights are prepared only when it is used).
         verify_length: tokens per `verify` call (0: no `verify` signature);
             a draft of `verify_length - 1` tokens is checked in one call.
+        freeze_weights: let TensorFlow's converter take the weights as
+            constants of the graph (and quantize them itself), as before
+            `keras_llm.litert_weights`: several times the time and memory.
+            Always so for "float16" and for models whose weights are not
+            all float32 attributes of keras-llm's layers.
         progress: called with the fraction of the work each stage did
             (they add up to 1): tracing, TensorFlow Lite's converter, the
             fusion, then each file written. For SmolLM2 on 2 cores the
@@ -336,23 +410,41 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if quantization in ("int8", "int4") and smooth_alpha:  # int4 keeps its blocks' grids
         model = smooth(model, calibration_ids, smooth_alpha,
                        block=INT4_BLOCK if quantization == "int4" else None)
+    weights = None if freeze_weights or quantization == "float16" else _weight_inputs(model)
     holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths,
-                                    verify_length)
+                                    verify_length, weights)
     functions = [f.get_concrete_function() for f in steps.values()]
+    if weights and any(f.captured_inputs for f in functions):
+        raise RuntimeError("the step functions still read variables with the weights as inputs")
     done(0.1)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantization == "int8":
+    if quantization == "int8" and not weights:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantization == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     flatbuffer = converter.convert()
-    done(0.5)
-    if fuse:
-        flatbuffer = fuse_projections(flatbuffer)
-    if quantization == "int4":
-        flatbuffer = quantize_int4(flatbuffer)
+    done(0.3 if weights else 0.5)
+    if weights:
+        arrays, names = _weight_arrays(model, weights)
+        tflite = bind_weights(flatbuffer, arrays, names)
+        del arrays, flatbuffer
+        done(0.2)
+        # int8 before fusing (each projection's own size decides, as in the
+        # converter), int4 after (the stacked weights' blocks are the same)
+        replaced = quantize_int8(tflite) if quantization == "int8" else set()
+        if fuse:
+            replaced |= fuse_model(tflite) or set()
+        if quantization == "int4":
+            replaced |= quantize_int4_model(tflite) or set()
+        flatbuffer = _serialize_without(tflite, replaced)
+        del tflite
+    else:
+        if fuse:
+            flatbuffer = fuse_projections(flatbuffer)
+        if quantization == "int4":
+            flatbuffer = quantize_int4(flatbuffer)
     done(0.1)
     if not split:
         _write(path, flatbuffer)

@@ -129,10 +129,18 @@ def fuse_projections(flatbuffer):
     """Return `flatbuffer` (a .tflite model's bytes) with FULLY_CONNECTED ops
     that read the same input stacked into one (see the module docstring)."""
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    replaced = fuse_model(model)
+    return flatbuffer if replaced is None else _serialize_without(model, replaced)
+
+
+def fuse_model(model):
+    """`fuse_projections` on a parsed model (a `schema.ModelT`), in place.
+    Returns the buffers whose weights were stacked (no operator reads them
+    any more), or None if the model has no FULLY_CONNECTED op."""
     fully_connected = {i for i, code in enumerate(model.operatorCodes)
                        if _builtin(code) == schema.BuiltinOperator.FULLY_CONNECTED}
     if not fully_connected:
-        return flatbuffer
+        return None
     codes = (_opcode_index(model, schema.BuiltinOperator.SLICE),
              _opcode_index(model, schema.BuiltinOperator.RESHAPE))
     stacked = {}  # original weight buffers -> stacked buffer, shared by subgraphs
@@ -156,7 +164,7 @@ def fuse_projections(flatbuffer):
         subgraph.operators = operators
         replaced.update(subgraph.tensors[i].buffer for i in orphans)
         _drop_tensors(model, index, orphans)
-    return _serialize_without(model, replaced)
+    return replaced
 
 
 def _serialize_without(model, replaced):

@@ -194,10 +194,18 @@ def quantize_int4(flatbuffer):
     or that apply an activation are left as they are; weights whose inputs
     are not a multiple of 32 become int8."""
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    replaced = quantize_int4_model(model)
+    return flatbuffer if replaced is None else _serialize_without(model, replaced)
+
+
+def quantize_int4_model(model):
+    """`quantize_int4` on a parsed model (a `schema.ModelT`), in place.
+    Returns the float32 buffers it replaced, or None if the model has no
+    FULLY_CONNECTED op."""
     fully_connected = {i for i, code in enumerate(model.operatorCodes)
                        if _builtin(code) == schema.BuiltinOperator.FULLY_CONNECTED}
     if not fully_connected:
-        return flatbuffer
+        return None
     codes = (min(fully_connected), _opcode_index(model, schema.BuiltinOperator.ADD))
     head_rows = _head_rows(model)
     buffers = _Buffers(model)
@@ -222,14 +230,15 @@ def quantize_int4(flatbuffer):
                                                   codes)
         subgraph.operators = operators
         _drop_tensors(model, index, orphans)
-    return _serialize_without(model, replaced)
+    return replaced
 
 
-def _as_int8(model, subgraph, op, weights, buffers, made):
-    """`op` reading per-channel int8 weights."""
+def _as_int8(model, subgraph, op, weights, buffers, made, quantize=per_channel_int8):
+    """`op` reading per-channel int8 weights (`quantize(weights) -> (values,
+    scales)`)."""
     key = ("int8", weights.buffer)
     if key not in made:
-        values, scale = per_channel_int8(_constant(model, weights))
+        values, scale = quantize(_constant(model, weights))
         made[key] = _int8_tensor(subgraph, weights.name.decode() + "/int8",
                                  [int(d) for d in weights.shape],
                                  buffers.get(key, lambda: values), scale)

@@ -331,6 +331,54 @@ def test_conversion_reports_its_progress_in_stages_adding_up_to_one(model, tmp_p
     paths = litert.convert(model, str(tmp_path / "m.tflite"), batch_sizes=(1, 2),
                            max_length=MAX_LENGTH, prefill_length=16, split=True,
                            progress=steps.append)
-    # tracing, the converter, the fusion, then one step per file written
-    assert len(steps) == 3 + len(paths) == 6
+    # tracing, the converter, binding the weights, the fusion, then one
+    # step per file written
+    assert len(steps) == 4 + len(paths) == 7
     assert all(step > 0 for step in steps) and abs(sum(steps) - 1.0) < 1e-9
+
+
+def _weight_buffers(path):
+    parsed = flatbuffer_utils.read_model(path)
+    return sorted(len(b.data) for b in parsed.buffers if b.data is not None and len(b.data) > 64)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_weights_bound_after_conversion_give_the_converters_own_file(quantization, tmp_path):
+    # The converter runs on a weight-free graph (weights as inputs) and the
+    # weights are put in afterwards: the file must compute exactly what the
+    # converter's own constant-weight file computes, with the same
+    # operators and the same weight buffers (one per weight, shared by all
+    # signatures; wide enough that int8 applies to the projections).
+    model = tiny_model(seed=8, hidden_dim=64, num_query_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_dim=128)
+    ids = np.random.default_rng(9).integers(0, 200, size=(2, 21)).astype(np.int32)
+    options = dict(quantization=quantization, batch_sizes=(1, 2), max_length=MAX_LENGTH,
+                   prefill_length=16, lengths=(32,), verify_length=4, calibration_ids=ids)
+    holder, functions = litert._step_functions(model, MAX_LENGTH, [1], 16,
+                                               weights=litert._weight_inputs(model))
+    assert not holder._trackable_children()  # pylint: disable=protected-access
+    assert not functions["decode_b1"].get_concrete_function().captured_inputs
+    paths = {frozen: litert.convert(model, str(tmp_path / f"{frozen}.tflite"),
+                                    freeze_weights=frozen, **options)
+             for frozen in (False, True)}
+    bound, frozen = (flatbuffer_utils.read_model(paths[k]) for k in (False, True))
+    assert ([d.signatureKey for d in bound.signatureDefs]
+            == [d.signatureKey for d in frozen.signatureDefs])
+    for a, b in zip(bound.signatureDefs, frozen.signatureDefs):
+        assert sorted(e.name for e in a.inputs) == sorted(e.name for e in b.inputs)
+        ops = [[(o.opcodeIndex, len(o.inputs)) for o in m.subgraphs[d.subgraphIndex].operators]
+               for m, d in ((bound, a), (frozen, b))]
+        codes = [sorted(_code_name(m, i) for i, _ in o) for m, o in zip((bound, frozen), ops)]
+        assert codes[0] == codes[1]  # the same operators (their order may differ)
+    assert _weight_buffers(paths[False]) == _weight_buffers(paths[True])
+    runners = {k: litert.LiteRTRunner(p, num_threads=1) for k, p in paths.items()}
+    np.testing.assert_array_equal(runners[False](ids), runners[True](ids))
+    prompts = [list(ids[0, :9]), list(ids[1, :4])]
+    assert (engine_greedy(LiteRTBackend(paths[False], num_threads=1), prompts, 24)
+            == engine_greedy(LiteRTBackend(paths[True], num_threads=1), prompts, 24))
+
+
+def _code_name(parsed, index):
+    code = parsed.operatorCodes[index]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+

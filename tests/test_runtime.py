@@ -337,10 +337,10 @@ def test_a_failed_conversion_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
     directory = str(tmp_path / "m")
     saving.save_model_dir(directory, lm.model, lm.tokenizer, {"source": "tiny"})
 
-    def broken(flatbuffer):
+    def broken(parsed):
         raise RuntimeError("converter died")
 
-    monkeypatch.setattr(litert, "fuse_projections", broken)
+    monkeypatch.setattr(litert, "fuse_model", broken)
     with pytest.raises(RuntimeError, match="converter died"):
         artifacts.build_litert(directory, lm.model, lm.tokenizer, "float32", progress=False)
     assert os.listdir(os.path.join(directory, "litert")) == []
