@@ -140,7 +140,7 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
     if progress:
         print(f"keras-llm: converting the model to LiteRT ({precision}) for fast decoding; "
               f"once per model, kept in {os.path.dirname(path)} "
-              "(about 2.5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
+              "(about 1.5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
     context = model_context(model)
     bar = Progress(1000, f"keras-llm: LiteRT {precision}",
                    enabled=bool(progress) and sys.stderr.isatty())
