@@ -45,6 +45,7 @@ import tensorflow as tf
 import keras_llm
 from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
+from keras_llm.progress import Progress
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.tokenizer import TOKENIZER_FILE
 from keras_llm.runtime.xla import SlotDecoder, Untracked
@@ -360,7 +361,7 @@ def _export_version(model, base, model_dir, model_name, version, max_new_tokens,
         else:
             _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warmup,
                         litert, litert_optional, litert_batch_sizes, litert_max_length,
-                        litert_lengths)
+                        litert_lengths, progress)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -424,7 +425,7 @@ def _save_recompute(lm, staging, model_name, max_new_tokens, warmup):
 
 
 def _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warmup, litert,
-                litert_optional, litert_batch_sizes, litert_max_length, litert_lengths):
+                litert_optional, litert_batch_sizes, litert_max_length, litert_lengths, progress=False):
     """Write the SavedModel of a keras-llm Llama (see the module docstring)."""
     module = GenerationModule(lm, max_new_tokens=max_new_tokens, jit_compile=jit_compile,
                               chat=chat)
@@ -462,7 +463,7 @@ def _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warm
     if litert:
         try:
             _write_litert(lm, staging, litert, litert_batch_sizes, litert_max_length,
-                          litert_lengths, metadata)
+                          litert_lengths, metadata, progress)
         except Exception as error:  # pylint: disable=broad-except
             if not litert_optional:
                 raise
@@ -470,7 +471,8 @@ def _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warm
                   "the server will decode with XLA", file=sys.stderr, flush=True)
 
 
-def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, metadata):
+def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, metadata,
+                  progress=False):
     """Convert the model for the LiteRT serving path and record it in the
     metadata asset. int8 smoothing calibrates on `litert.CALIBRATION_TEXT`
     (its first 128 tokens, as the benchmark's in-process LiteRT engine)."""
@@ -495,6 +497,12 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
         for source, target in zip(cached, paths):
             shutil.copyfile(source, target)
     else:
+        if progress:
+            print(f"keras-llm: converting the model to LiteRT ({precision}) for keras-llm serve "
+                  "(about 1.5 minutes for 135M parameters on 2 cores)...",
+                  file=sys.stderr, flush=True)
+        bar = Progress(1000, f"keras-llm: LiteRT {precision}",
+                       enabled=bool(progress) and sys.stderr.isatty())
         paths = [litert.convert(lm.model, path,
                                quantization=None if precision == "float32" else precision,
                                max_length=max_length, batch_sizes=batch_sizes,
@@ -502,7 +510,9 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
                                verify_length=options["verify_length"],
                                calibration_ids=(litert.calibration_ids(lm.tokenizer)
                                                 if precision in artifacts.QUANTIZED_LITERT else None),
-                               lengths=lengths)]
+                               lengths=lengths,
+                               progress=lambda fraction: bar.update(round(1000 * fraction)))]
+        bar.close()
     metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
                           "files": [os.path.relpath(p, staging) for p in paths],
                           "precision": precision,
