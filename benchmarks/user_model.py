@@ -12,6 +12,7 @@ keras-llm's own Llama (`keras_llm.llama_map`) and decodes on LiteRT with a KV
 cache; the two GPTs run on the recompute backend.
 
     python -m benchmarks.user_model [--repeats 3] [--new-tokens 32] [--prompt-length 32]
+                                    [--length-bucket N]
 """
 
 import argparse
@@ -64,6 +65,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--length-bucket", type=int, default=None,
+                        help="the recompute backend's length bucket (default: its own, 16)")
     args = parser.parse_args(argv)
     prompt = np.random.default_rng(0).integers(1, 8000, args.prompt_length).tolist()
     rows = []
@@ -74,6 +77,8 @@ def main(argv=None):
             model.save(path)
             user = keras_llm.load_model(path)
             lm = keras_llm.load(path)
+            if args.length_bucket and hasattr(lm.engine.backend, "length_bucket"):
+                lm.engine.backend.length_bucket = args.length_bucket
             baseline, _, reference = timed(
                 lambda: user_layers.greedy_predict(user, prompt, args.new_tokens, pad_to),  # noqa: B023
                 args.repeats)

@@ -221,13 +221,16 @@ class RecomputeBackend(Backend):
         vocabulary_size: logits per row.
         max_length: most positions per sequence (the model's limit).
         max_slots: most sequences one step runs.
-        length_bucket: sequences are right-padded to a multiple of this.
+        length_bucket: sequences are right-padded to a multiple of this
+            (longer ones to a quarter of the next power of two, see
+            `padded_length`). 16 against 32: a 32-token prompt's 32 new
+            tokens ran 12% faster (one more compilation, about 0.5 s).
         fixed_length: the model only takes this many positions (every call
             is padded to it), or None.
         dtype: the weights' dtype, for `capabilities`.
     """
 
-    def __init__(self, functions, vocabulary_size, max_length, max_slots=16, length_bucket=32,
+    def __init__(self, functions, vocabulary_size, max_length, max_slots=16, length_bucket=16,
                  fixed_length=None, dtype="float32"):  # pylint: disable=redefined-outer-name
         self.functions = functions
         self.length_bucket = int(length_bucket)
@@ -288,10 +291,14 @@ class RecomputeBackend(Backend):
         return num_slots, max_length
 
     def padded_length(self, length):
-        """The length bucket a sequence of `length` tokens runs in."""
+        """The length bucket a sequence of `length` tokens runs in: a
+        multiple of `length_bucket`, or of a quarter of the next power of two
+        when that is larger (16, 32, 48, 64, 96, 128, 192, 256, 384, ...), so
+        that compilations grow with the log of the length."""
         if self.fixed_length is not None:
             return self.fixed_length
-        return min(_round_up(length, self.length_bucket), self.max_length)
+        step = max(self.length_bucket, (1 << max(int(length) - 1, 0).bit_length()) // 4)
+        return min(_round_up(length, step), self.max_length)
 
     def prefill(self, token_ids, slot, reserve=0):
         ids = np.asarray(token_ids, np.int32).reshape(-1)
