@@ -318,11 +318,21 @@ def test_litert_file_is_built_once_reused_and_rebuilt_on_change(tiny_dir, tmp_pa
         long_prompt, max_new_tokens=3).token_ids
     assert runner.signatures["prefill"].allocated
     # A changed model (here: the weights file rewritten) makes the files stale.
+    # Half-written caches of a process that died are removed when the next
+    # one is written; a live process's is not.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = {pid: f"{weights_cache_path(path)}.{pid}.partial" for pid in (dead.pid, os.getpid())}
+    for leftover in leftovers.values():
+        with open(leftover, "wb") as handle:
+            handle.write(b"half")
     os.utime(os.path.join(directory, saving.MODEL_FILE), ns=(built + 10 ** 9, built + 10 ** 9))
     assert artifacts.cached_litert(directory, "float32") is None
     keras_llm.load(directory, progress=False).generate("hello", max_new_tokens=2)
     assert artifacts.cached_litert(directory, "float32") == paths
     assert os.stat(path).st_mtime_ns != built
+    assert not os.path.exists(leftovers[dead.pid]) and os.path.exists(leftovers[os.getpid()])
+    os.remove(leftovers[os.getpid()])
     # the old packed weights made way for the new file's
     assert [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".xnnpack")] == [
         os.path.basename(weights_cache_path(path))]

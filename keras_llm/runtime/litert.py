@@ -66,6 +66,7 @@ def _compile(path, num_threads):
     staging = f"{cache}.{os.getpid()}.partial"
     if fresh:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
+        remove_dead_partials(cache)
     options = Options(hardware_accelerators=HardwareAccelerator.CPU,
                       cpu_options=CpuOptions(num_threads=num_threads,
                                              xnnpack_weight_cache_path=staging if fresh else cache))
@@ -82,6 +83,30 @@ def _compile(path, num_threads):
             if old != cache:
                 os.remove(old)
     return model
+
+
+def remove_dead_partials(cache):
+    """Remove the half-written caches (`<file>.<key>.xnnpack.<pid>.partial`,
+    any key) of processes that died before renaming theirs into place; a
+    live process's is left alone."""
+    stem = cache[:-len(".xnnpack")].rsplit(".", 1)[0]
+    for leftover in glob.glob(glob.escape(stem) + ".*.xnnpack.*.partial"):
+        pid = leftover[:-len(".partial")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.remove(leftover)
+            except OSError:
+                pass  # another process removed it first
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 _HOST_MEMORY = None
