@@ -178,6 +178,27 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
             every weight row the division lands in (the up projection's) as
             a whole.
     """
+    smoothed = _copy_model(model)
+    for readers, scale, norm_name, up_name in smoothing_factors(model, calibration_ids, alpha,
+                                                                block):
+        for reader in readers:
+            kernel = find_layer(smoothed, reader).kernel
+            kernel.assign(kernel.numpy() * scale[:, np.newaxis])
+        if norm_name is not None:  # the norm's factor `offset + scale` becomes `/ s`
+            norm = find_layer(smoothed, norm_name)
+            offset = norm.weight_offset
+            norm.scale.assign((norm.scale.numpy() + offset) / scale - offset)
+        else:
+            up = find_layer(smoothed, up_name).kernel
+            up.assign(up.numpy() / scale[np.newaxis, :])
+    return smoothed
+
+
+def smoothing_factors(model, calibration_ids=None, alpha=0.5, block=None):
+    """What `smooth` changes, without copying the model: a list of
+    `(reader layer names, per-channel scale s, norm layer name or None, up
+    layer name or None)`; the readers' kernel rows are multiplied by `s`, and
+    the norm's factor (or the up projection's output columns) divided by it."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     config = config_from_model(model)
@@ -188,18 +209,19 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
                    find_layer(model, f"layer_{i}_mlp_norm").output,
                    find_layer(model, f"layer_{i}_mlp_down").input]
     activations = keras.Model(model.inputs, probes)(tf.constant(ids), training=False)
-    smoothed = _copy_model(model)
 
     def channel_max(tensor):
         return np.maximum(np.abs(np.asarray(tensor)).reshape(-1, tensor.shape[-1]).max(0), 1e-5)
 
+    factors = []
     for i in range(config.num_layers):
         attention_in, mlp_in, down_in = activations[3 * i:3 * i + 3]
         groups = [(attention_in, f"layer_{i}_attention_norm", None, ("query", "key", "value")),
                   (mlp_in, f"layer_{i}_mlp_norm", None, ("mlp_gate", "mlp_up")),
                   (down_in, None, f"layer_{i}_mlp_up", ("mlp_down",))]
         for acts, norm_name, up_name, readers in groups:
-            kernels = [find_layer(smoothed, f"layer_{i}_{r}").kernel for r in readers]
+            readers = [f"layer_{i}_{r}" for r in readers]
+            kernels = [find_layer(model, r).kernel for r in readers]
             weight_max = np.maximum(
                 np.max([np.abs(k.numpy()).max(1) for k in kernels], axis=0), 1e-5)
             activation_max = channel_max(acts)
@@ -208,16 +230,23 @@ def smooth(model, calibration_ids=None, alpha=0.5, block=None):
                     np.repeat(v.reshape(-1, block).max(1), block)
                     for v in (activation_max, weight_max))
             scale = (activation_max ** alpha / weight_max ** (1.0 - alpha)).astype(np.float32)
-            for kernel in kernels:
-                kernel.assign(kernel.numpy() * scale[:, np.newaxis])
-            if norm_name is not None:  # the norm's factor `offset + scale` becomes `/ s`
-                norm = find_layer(smoothed, norm_name)
-                offset = norm.weight_offset
-                norm.scale.assign((norm.scale.numpy() + offset) / scale - offset)
-            else:
-                up = find_layer(smoothed, up_name).kernel
-                up.assign(up.numpy() / scale[np.newaxis, :])
-    return smoothed
+            factors.append((readers, scale, norm_name, up_name))
+    return factors
+
+
+def _smooth_arrays(model, arrays, factors):
+    """`smooth`'s changes made to the weight arrays of a conversion (see
+    `_weight_arrays`: kernels transposed), in place."""
+    index = {id(w): j for j, w in enumerate(model.weights)}
+    for readers, scale, norm_name, up_name in factors:
+        for reader in readers:  # (out, in): a kernel's rows are these columns
+            arrays[index[id(find_layer(model, reader).kernel)]] *= scale[np.newaxis, :]
+        if norm_name is not None:  # not in place: the array may be the variable's memory
+            norm = find_layer(model, norm_name)
+            j = index[id(norm.scale)]
+            arrays[j] = (arrays[j] + norm.weight_offset) / scale - norm.weight_offset
+        else:
+            arrays[index[id(find_layer(model, up_name).kernel)]] /= scale[:, np.newaxis]
 
 
 # ----- conversion --------------------------------------------------------------
@@ -300,7 +329,7 @@ def _weight_arrays(model, weights):
     arrays, names = [None] * len(model.weights), [None] * len(model.weights)
     for _, _, j, transposed in weights:
         value = model.weights[j].numpy()
-        arrays[j] = np.ascontiguousarray(value.T) if transposed else value
+        arrays[j] = np.array(value.T, order="C") if transposed else value  # kernels: copies
         names[j] = f"{model.name}/{model.weights[j].name.split(':')[0]}"
     return arrays, names
 
@@ -407,10 +436,14 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     if lengths and not 0 < lengths[0] <= lengths[-1] < max_length:
         raise ValueError(f"lengths must be in [1, max_length={max_length}), got {lengths}")
     done = progress or (lambda fraction: None)
-    if quantization in ("int8", "int4") and smooth_alpha:  # int4 keeps its blocks' grids
-        model = smooth(model, calibration_ids, smooth_alpha,
-                       block=INT4_BLOCK if quantization == "int4" else None)
     weights = None if freeze_weights or quantization == "float16" else _weight_inputs(model)
+    factors = None
+    if quantization in ("int8", "int4") and smooth_alpha:  # int4 keeps its blocks' grids
+        block = INT4_BLOCK if quantization == "int4" else None
+        if weights:  # applied to the bound weights: no copy of the model
+            factors = smoothing_factors(model, calibration_ids, smooth_alpha, block)
+        else:
+            model = smooth(model, calibration_ids, smooth_alpha, block=block)
     holder, steps = _step_functions(model, max_length, batch_sizes, prefill_length, lengths,
                                     verify_length, weights)
     functions = [f.get_concrete_function() for f in steps.values()]
@@ -428,6 +461,8 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
     done(0.3 if weights else 0.5)
     if weights:
         arrays, names = _weight_arrays(model, weights)
+        if factors:
+            _smooth_arrays(model, arrays, factors)
         tflite = bind_weights(flatbuffer, arrays, names)
         del arrays, flatbuffer
         done(0.2)

@@ -358,9 +358,14 @@ def test_weights_bound_after_conversion_give_the_converters_own_file(quantizatio
                                                weights=litert._weight_inputs(model))
     assert not holder._trackable_children()  # pylint: disable=protected-access
     assert not functions["decode_b1"].get_concrete_function().captured_inputs
+    before = [w.numpy().copy() for w in model.weights]
     paths = {frozen: litert.convert(model, str(tmp_path / f"{frozen}.tflite"),
                                     freeze_weights=frozen, **options)
              for frozen in (False, True)}
+    # int8/int4 smoothing of the bound weights happened on copies (the
+    # frozen route smooths a copy of the model): the model is unchanged.
+    for old, weight in zip(before, model.weights):
+        np.testing.assert_array_equal(old, weight.numpy())
     bound, frozen = (flatbuffer_utils.read_model(paths[k]) for k in (False, True))
     assert ([d.signatureKey for d in bound.signatureDefs]
             == [d.signatureKey for d in frozen.signatureDefs])
