@@ -56,14 +56,16 @@ def _builtin(code):
     return max(code.builtinCode, code.deprecatedBuiltinCode)
 
 
-def _opcode_index(model, builtin):
+def _opcode_index(model, builtin, version=None):
+    """The index of `builtin`'s operator code (at `version`, if given; any
+    version otherwise), added (at `version` or 1) if the model has none."""
     for index, code in enumerate(model.operatorCodes):
-        if _builtin(code) == builtin:
+        if _builtin(code) == builtin and version in (None, code.version):
             return index
     code = schema.OperatorCodeT()
     code.builtinCode = builtin
     code.deprecatedBuiltinCode = min(builtin, 127)
-    code.version = 1
+    code.version = version or 1
     model.operatorCodes.append(code)
     return len(model.operatorCodes) - 1
 

@@ -32,7 +32,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from keras_llm.litert_fusion import (_add_tensor, _builtin, _constant, _drop_tensors,
-                                     _is_constant, _operator)
+                                     _is_constant, _opcode_index, _operator)
 from keras_llm.litert_int4 import _as_int8, _Buffers
 
 WEIGHT_INPUT = "w_"
@@ -119,9 +119,9 @@ def quantize_int8(model, min_elements=MIN_QUANTIZED_ELEMENTS):
     # with int8 weights (the converter's own file has them): the runtime
     # reads a hybrid FULLY_CONNECTED's per-channel scales only from
     # version 12 on.
-    hybrid = _opcode(model, schema.BuiltinOperator.FULLY_CONNECTED, 12)
-    gather_int8 = _opcode(model, schema.BuiltinOperator.GATHER, 2)
-    dequantize = _opcode(model, schema.BuiltinOperator.DEQUANTIZE, 2)
+    hybrid = _opcode_index(model, schema.BuiltinOperator.FULLY_CONNECTED, 12)
+    gather_int8 = _opcode_index(model, schema.BuiltinOperator.GATHER, 2)
+    dequantize = _opcode_index(model, schema.BuiltinOperator.DEQUANTIZE, 2)
     buffers = _Buffers(model)
     replaced = set()
     for index, subgraph in enumerate(model.subgraphs):
@@ -149,19 +149,6 @@ def quantize_int8(model, min_elements=MIN_QUANTIZED_ELEMENTS):
         subgraph.operators = operators
         _drop_tensors(model, index, orphans)
     return replaced
-
-
-def _opcode(model, builtin, version):
-    """The index of `builtin`'s operator code at `version` (added if absent)."""
-    for index, code in enumerate(model.operatorCodes):
-        if _builtin(code) == builtin and code.version == version:
-            return index
-    code = schema.OperatorCodeT()
-    code.builtinCode = builtin
-    code.deprecatedBuiltinCode = min(builtin, 127)
-    code.version = version
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
 
 
 def _gather_int8(model, subgraph, op, table, buffers, made, dequantize):

@@ -78,19 +78,23 @@ def _compile(path, num_threads):
         raise
     if fresh and os.path.isfile(staging):
         os.replace(staging, cache)  # the model keeps its mapping of the file
-        stem = cache[:-len(".xnnpack")].rsplit(".", 1)[0]
-        for old in glob.glob(glob.escape(stem) + ".*.xnnpack"):
+        for old in glob.glob(glob.escape(_cache_stem(cache)) + ".*.xnnpack"):
             if old != cache:
                 os.remove(old)
     return model
+
+
+def _cache_stem(cache):
+    """`<file>` of a weights cache `<file>.<key>.xnnpack`: what every
+    version's cache of that file starts with."""
+    return cache[:-len(".xnnpack")].rsplit(".", 1)[0]
 
 
 def remove_dead_partials(cache):
     """Remove the half-written caches (`<file>.<key>.xnnpack.<pid>.partial`,
     any key) of processes that died before renaming theirs into place; a
     live process's is left alone."""
-    stem = cache[:-len(".xnnpack")].rsplit(".", 1)[0]
-    for leftover in glob.glob(glob.escape(stem) + ".*.xnnpack.*.partial"):
+    for leftover in glob.glob(glob.escape(_cache_stem(cache)) + ".*.xnnpack.*.partial"):
         pid = leftover[:-len(".partial")].rsplit(".", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             try:
