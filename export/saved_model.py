@@ -45,7 +45,6 @@ import tensorflow as tf
 import keras_llm
 from keras_llm.generation import Generator, round_up
 from keras_llm.models import find_layer
-from keras_llm.progress import Progress
 from keras_llm.runtime import artifacts
 from keras_llm.runtime.tokenizer import TOKENIZER_FILE
 from keras_llm.runtime.xla import SlotDecoder, Untracked
@@ -497,22 +496,16 @@ def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, meta
         for source, target in zip(cached, paths):
             shutil.copyfile(source, target)
     else:
-        if progress:
-            print(f"keras-llm: converting the model to LiteRT ({precision}) for keras-llm serve "
-                  "(about 1.5 minutes for 135M parameters on 2 cores)...",
-                  file=sys.stderr, flush=True)
-        bar = Progress(1000, f"keras-llm: LiteRT {precision}",
-                       enabled=bool(progress) and sys.stderr.isatty())
-        paths = [litert.convert(lm.model, path,
-                               quantization=None if precision == "float32" else precision,
-                               max_length=max_length, batch_sizes=batch_sizes,
-                               prefill_length=options["prefill_length"],
-                               verify_length=options["verify_length"],
-                               calibration_ids=(litert.calibration_ids(lm.tokenizer)
-                                                if precision in artifacts.QUANTIZED_LITERT else None),
-                               lengths=lengths,
-                               progress=lambda fraction: bar.update(round(1000 * fraction)))]
-        bar.close()
+        with artifacts.conversion_progress(precision, "for keras-llm serve", progress) as report:
+            paths = [litert.convert(lm.model, path,
+                                    quantization=None if precision == "float32" else precision,
+                                    max_length=max_length, batch_sizes=batch_sizes,
+                                    prefill_length=options["prefill_length"],
+                                    verify_length=options["verify_length"],
+                                    calibration_ids=(litert.calibration_ids(lm.tokenizer)
+                                                     if precision in artifacts.QUANTIZED_LITERT
+                                                     else None),
+                                    lengths=lengths, progress=report)]
     metadata["litert"] = {"file": artifacts.EXPORT_LITERT,
                           "files": [os.path.relpath(p, staging) for p in paths],
                           "precision": precision,

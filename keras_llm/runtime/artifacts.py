@@ -20,6 +20,7 @@ Nothing here imports TensorFlow; `build_litert` imports the converter only
 when a file has to be built.
 """
 
+import contextlib
 import glob
 import hashlib
 import importlib.metadata
@@ -126,6 +127,20 @@ def cached_litert(source, precision, options=None):
     return files if files and all(os.path.isfile(f) for f in files) else None
 
 
+@contextlib.contextmanager
+def conversion_progress(precision, purpose, enabled=True):
+    """Say that a LiteRT conversion starts (`purpose`: what it is for) and
+    draw its progress bar on a terminal; yields the `progress` callback for
+    `litert.convert`."""
+    if enabled:
+        print(f"keras-llm: converting the model to LiteRT ({precision}) {purpose} "
+              "(about 1.5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
+    bar = Progress(1000, f"keras-llm: LiteRT {precision}",
+                   enabled=bool(enabled) and sys.stderr.isatty())
+    yield lambda fraction: bar.update(round(1000 * fraction))
+    bar.close()
+
+
 def build_litert(source, model, tokenizer, precision, options=None, progress=True):
     """Convert `model` (loaded from `source`) and store it as `source`'s
     LiteRT file (every signature in one file over one set of weights);
@@ -137,29 +152,24 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = litert_key(source, precision, options)
     start = time.perf_counter()
-    if progress:
-        print(f"keras-llm: converting the model to LiteRT ({precision}) for fast decoding; "
-              f"once per model, kept in {os.path.dirname(path)} "
-              "(about 1.5 minutes for 135M parameters on 2 cores)...", file=sys.stderr, flush=True)
     context = model_context(model)
-    bar = Progress(1000, f"keras-llm: LiteRT {precision}",
-                   enabled=bool(progress) and sys.stderr.isatty())
     if os.path.exists(manifest):  # stale: the manifest goes first, then the files
         os.remove(manifest)
     stem = glob.escape(path[:-len(".tflite")])
     for old in glob.glob(stem + ".*.tflite") + glob.glob(stem + ".tflite.*.xnnpack"):
         os.remove(old)  # an earlier layout's signature files, or packed weights
-    paths = [litert.convert(model, path, quantization=None if precision == "float32" else precision,
-                   max_length=min(options["max_length"], context),
-                   batch_sizes=options["batch_sizes"],
-                   lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
-                   prefill_length=min(options["prefill_length"], context),
-                   verify_length=min(options.get("verify_length", 0), context),
-                   calibration_ids=(litert.calibration_ids(tokenizer)
-                                    if tokenizer is not None and precision in QUANTIZED_LITERT
-                                    else None),
-                   progress=lambda fraction: bar.update(round(1000 * fraction)))]
-    bar.close()
+    purpose = f"for fast decoding; once per model, kept in {os.path.dirname(path)}"
+    with conversion_progress(precision, purpose, progress) as report:
+        paths = [litert.convert(
+            model, path, quantization=None if precision == "float32" else precision,
+            max_length=min(options["max_length"], context),
+            batch_sizes=options["batch_sizes"],
+            lengths=[n for n in options["lengths"] if n < min(options["max_length"], context)],
+            prefill_length=min(options["prefill_length"], context),
+            verify_length=min(options.get("verify_length", 0), context),
+            calibration_ids=(litert.calibration_ids(tokenizer)
+                             if tokenizer is not None and precision in QUANTIZED_LITERT else None),
+            progress=report)]
     handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         json.dump({"key": key, "files": [os.path.basename(p) for p in paths],
