@@ -51,6 +51,16 @@ def machine():
     }
 
 
+def process_status_kb(key, pid="self"):
+    """A field of `/proc/<pid>/status` in kB (Linux): "VmHWM" (peak resident
+    memory), "VmRSS" (resident now)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {key} for process {pid}")
+
+
 def prompt_ids(tokenizer, length, offset=0):
     """`length` token ids of the passage, starting `offset` tokens in."""
     ids = tokenizer.encode(PASSAGE * 8)

@@ -33,7 +33,7 @@ import traceback
 import numpy as np
 
 from benchmarks.base import Engine, Run, Settings, Unavailable  # noqa: F401  (re-exported)
-from benchmarks.common import summarize
+from benchmarks.common import process_status_kb, summarize
 
 
 def run_engine(engine, prompts, new_tokens):
@@ -260,11 +260,7 @@ class ServerEngine(Engine):
 
 def _high_water_mark(pid):
     """Peak resident memory of a live process (Linux /proc), in bytes."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no VmHWM for process {pid}")
+    return process_status_kb("VmHWM", pid) * 1024
 
 
 class ServerLiteRTInt8Engine(ServerEngine):

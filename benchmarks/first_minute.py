@@ -167,9 +167,8 @@ def decode_one(args):
             out["aggregate_tokens_per_s_16"] = statistics.median(
                 batch * settings.new_tokens / (r.time_to_first_token_s + r.decode_s) for r in runs)
         out[f"tokens_b{batch}"] = runs[-1].tokens[0][:24]
-    with open("/proc/self/status", encoding="ascii") as status:  # 16 sequences' caches held
-        out["peak_rss_mb"] = next(int(line.split()[1]) // 1024 for line in status
-                                  if line.startswith("VmHWM"))
+    from benchmarks.common import process_status_kb  # pylint: disable=import-outside-toplevel
+    out["peak_rss_mb"] = process_status_kb("VmHWM") // 1024  # 16 sequences' caches held
     return out
 
 

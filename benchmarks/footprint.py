@@ -17,8 +17,8 @@ import time
 
 
 def _status(key):
-    with open("/proc/self/status", encoding="ascii") as handle:
-        return next(int(line.split()[1]) // 1024 for line in handle if line.startswith(key))
+    from benchmarks.common import process_status_kb  # pylint: disable=import-outside-toplevel
+    return process_status_kb(key) // 1024
 
 
 def main(argv=None):

@@ -69,8 +69,8 @@ def run_one(args):
         seconds += out.decode_s
         total += out.total_s
         first.append(out.time_to_first_token_s)
-    with open("/proc/self/status", encoding="ascii") as status:
-        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    from benchmarks.common import process_status_kb  # pylint: disable=import-outside-toplevel
+    peak = process_status_kb("VmHWM")
     result = {"decode_tokens_per_s": steps / seconds, "answer_tokens_per_s": tokens / total,
               "peak_rss_mb": peak // 1024,
               "time_to_first_token_s": statistics.median(first), "tokens": tokens,
