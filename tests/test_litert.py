@@ -120,10 +120,6 @@ def test_generation_moves_through_shorter_caches_unchanged(model, bucket_file):
     tokens = engine_greedy(backend, prompts, 40)
     assert tokens == [list(g.token_ids) for g in expected]
     assert backend.active.length == MAX_LENGTH  # moved on from the 16- and 32-slot caches
-    # the caches it moved off were freed: one decode cache is held
-    held = [key for key, sig in backend.runner.signatures.items()
-            if sig.allocated and key.startswith("decode")]
-    assert held == [backend.active.key]
 
 
 def test_step_refuses_a_position_past_its_cache(bucket_runner):
