@@ -1,7 +1,8 @@
 """What a new user meets first, measured side by side: README's main job in a
 fresh process against llama.cpp in a fresh process, `keras-llm serve` from
 start to SERVING on an export, and concurrent TF Serving `Predict` calls and
-`Generate` streams through the server.
+`Generate` streams through the server (with the server's memory: idle once
+SERVING, and its peak).
 
     python -m benchmarks.first_minute cli --gguf smollm2-f32.gguf [--rounds 3]
     python -m benchmarks.first_minute serve --model_base_path DIR --model_name NAME \\
@@ -82,8 +83,10 @@ def serve(args):
     target = f"127.0.0.1:{port}"
     prompts = [prompt_ids(tokenizer, 32, offset=5 * i) for i in range(args.streams)]
     texts = [tokenizer.decode(p) for p in prompts]
+    from benchmarks.common import process_status_kb  # pylint: disable=import-outside-toplevel
     result = {"time_to_serving_s": serving_s, "streams": args.streams,
-              "new_tokens": args.new_tokens}
+              "new_tokens": args.new_tokens,
+              "idle_rss_mb": process_status_kb("VmRSS", proc.pid) // 1024}
     try:
         def predict(text):
             with Client(target, timeout=900) as client:
@@ -109,6 +112,10 @@ def serve(args):
                 rates.append(tokens / (time.perf_counter() - begin))
             result[f"{name}_aggregate_tokens_per_s"] = {
                 "median": statistics.median(rates), "runs": rates}
+        # the server's own peak, every stream's cache held (VmHWM)
+        result["peak_rss_mb"] = process_status_kb("VmHWM", proc.pid) // 1024
+        with open(f"/proc/{proc.pid}/maps", encoding="utf-8") as maps:
+            result["tensorflow_loaded"] = "_pywrap_tensorflow_internal" in maps.read()
     finally:
         bench_serving.stop_server(proc)
     return result

@@ -266,9 +266,9 @@ class LanguageModel:
         elif self.backend_name == "litert":
             raise ValueError("the LiteRT backend needs a float32, int8 or int4 model with a directory "
                              "or file to keep its LiteRT file in (pass source=...)")
-        from keras_llm.runtime.xla import XLABackend, use_persistent_cache  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.xla import XLABackend  # pylint: disable=import-outside-toplevel
         if self.source is not None:  # a model with a home: keep its compiled programs too
-            use_persistent_cache(artifacts.xla_cache_dir())
+            artifacts.use_persistent_xla_cache()
         model = self.model if model is None else model
         return XLABackend.from_model(model, max_slots=self.max_slots)
 

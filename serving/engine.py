@@ -84,10 +84,6 @@ class ExportedModel:
     """
 
     def __init__(self, export_dir, config=None):
-        import tensorflow_text  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-
-        from keras_llm.runtime.xla import use_persistent_cache  # pylint: disable=import-outside-toplevel
-        use_persistent_cache(artifacts.xla_cache_dir())  # an XLA backend compiles once per machine
         self.config = config = config or EngineConfig()
         if config.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
@@ -168,7 +164,11 @@ class ExportedModel:
         if self._module is None:
             with self._module_lock:
                 if self._module is None:
+                    # TensorFlow, imported here only: a LiteRT engine decodes
+                    # without it. An XLA engine compiles once per machine.
+                    artifacts.use_persistent_xla_cache()
                     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+                    import tensorflow_text  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (the tokenizer's ops)
                     self._module = tf.saved_model.load(self.export_dir)
         return self._module
 

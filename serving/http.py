@@ -668,14 +668,14 @@ class Frontend:
 
     def _tf_status(self, name, version, label, tail):
         from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
-        from tensorflow_serving.apis import get_model_metadata_pb2  # pylint: disable=import-outside-toplevel
+        from keras_llm.serving.protos import tf_serving  # pylint: disable=import-outside-toplevel
         model = self.server.servables.resolve(name, version, label)
         if tail is None:
             state = "AVAILABLE" if model.engine.ready.is_set() else "LOADING"
             return JSONResponse({"model_version_status": [{
                 "version": str(model.version), "state": state,
                 "status": {"error_code": "OK", "error_message": ""}}]})
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        signature_map = tf_serving.SignatureDefMap()
         for key, value in model.signature_defs.items():
             signature_map.signature_def[key].CopyFrom(value)
         return JSONResponse({
@@ -776,7 +776,7 @@ def _strings(value, key):
 
 
 def rest_array(key, value, dtype):
-    """A numpy array of `dtype` (a `tf.DType`) from JSON."""
+    """A numpy array of `dtype` (a `serving.tensors.DType`) from JSON."""
     try:
         if dtype.name == "string":
             array = np.array(_strings(value, key), dtype=object)

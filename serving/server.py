@@ -24,16 +24,13 @@ import time
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
-                                     model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
 
 from keras_llm.runtime.params import SamplingParams
 from keras_llm.runtime.speculative import SPECULATIVE_TOKENS
+from keras_llm.serving import tensors
 from keras_llm.serving.engine import EngineConfig, EngineStopped, ExportedModel, InvalidRequest, QueueFull
-from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
+from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc, tf_serving
 
 LOG = logging.getLogger("keras_llm.serving")
 
@@ -86,13 +83,10 @@ class ServedModel:
         self.created = time.time()
         self.path = os.path.join(base_path, str(version))
         self.engine = ExportedModel(self.path, engine_config)
-        from tensorflow.python.saved_model import loader_impl  # pylint: disable=import-outside-toplevel
-        self.signature_defs = loader_impl.parse_saved_model(self.path).meta_graphs[0].signature_def
-        # What Predict checks requests against, read from the SavedModel's proto.
-        self.input_specs = {
-            key: {name: tf.TensorSpec(tf.TensorShape(info.tensor_shape), tf.as_dtype(info.dtype))
-                  for name, info in definition.inputs.items()}
-            for key, definition in self.signature_defs.items()}
+        # What Predict checks requests against, read from the SavedModel's
+        # proto without TensorFlow (an engine on LiteRT never imports it).
+        self.signature_defs = tensors.read_signature_defs(self.path)
+        self.input_specs = tensors.input_specs(self.signature_defs)
 
 
 class ServingError(Exception):
@@ -505,11 +499,8 @@ def tensor_from_proto(key, proto, dtype):
     allocated: dtype, dims >= 0, at most MAX_TENSOR_ELEMENTS, content size."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if proto.dtype != dtype.as_datatype_enum:
-        try:
-            given = tf.dtypes.as_dtype(proto.dtype).name
-        except TypeError:
-            given = f"unknown dtype enum {proto.dtype}"
-        raise ServingError(bad, f"input {key}: expects {dtype.name}, got {given}")
+        raise ServingError(bad, f"input {key}: expects {dtype.name}, got "
+                                f"{tensors.dtype_name(proto.dtype)}")
     dims = [d.size for d in proto.tensor_shape.dim]
     if any(d < 0 for d in dims):
         raise ServingError(bad, f"input {key}: negative dimension in shape {dims}")
@@ -518,20 +509,18 @@ def tensor_from_proto(key, proto, dtype):
         raise ServingError(bad, f"input {key}: {count} elements is over the limit of "
                                 f"{MAX_TENSOR_ELEMENTS}")
     if proto.tensor_content:
-        if dtype == tf.string:
+        if dtype.name == "string":
             raise ServingError(bad, f"input {key}: string tensors cannot use tensor_content")
         if len(proto.tensor_content) != count * dtype.size:
             raise ServingError(bad, f"input {key}: tensor_content has "
                                     f"{len(proto.tensor_content)} bytes, shape {dims} of "
                                     f"{dtype.name} needs {count * dtype.size}")
     else:
-        field = {tf.string: "string_val", tf.float32: "float_val", tf.float64: "double_val",
-                 tf.int64: "int64_val", tf.bool: "bool_val"}.get(dtype, "int_val")
-        values = len(getattr(proto, field))
+        values = len(getattr(proto, dtype.field))
         if values > count:  # fewer repeat the last one, as TensorFlow reads them
             raise ServingError(bad, f"input {key}: {values} values for shape {dims}")
     try:
-        return tf.make_ndarray(proto)
+        return tensors.make_ndarray(proto)
     except (TypeError, ValueError) as error:
         raise ServingError(bad, f"input {key}: {error}") from None
 
@@ -580,8 +569,9 @@ def predict(model, name, inputs, output_filter=(), on_cancel=None):
     if name in ENGINE_SIGNATURES:
         outputs = predict_with_engine(model.engine, name, inputs, on_cancel)
     else:
+        function = model.engine.signatures[name]  # loads the SavedModel on first use
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel  (loaded by now)
         try:
-            function = model.engine.signatures[name]  # loads the SavedModel on first use
             outputs = {k: v.numpy() for k, v in function(
                 **{k: tf.constant(v) for k, v in inputs.items()}).items()}
         except tf.errors.InvalidArgumentError as error:
@@ -610,7 +600,7 @@ def record_request(metrics, name, summary, gaps, api):
               total_s=round(summary["total_s"], 4))
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionService:
     def __init__(self, servables):
         self.servables = servables
 
@@ -625,12 +615,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs = predict(model, name, inputs, request.output_filter, context.add_callback)
         except ServingError as error:
             context.abort(error.code, error.message)
-        response = predict_pb2.PredictResponse()
+        response = tf_serving.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
         response.model_spec.signature_name = name
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+            response.outputs[key].CopyFrom(tensors.make_tensor_proto(value))
         return response
 
     def GetModelMetadata(self, request, context):
@@ -638,10 +628,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if list(request.metadata_field) != ["signature_def"]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "metadata_field must be exactly ['signature_def']")
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        signature_map = tf_serving.SignatureDefMap()
         for key, value in model.signature_defs.items():
             signature_map.signature_def[key].CopyFrom(value)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response = tf_serving.GetModelMetadataResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
         response.metadata["signature_def"].Pack(signature_map)
@@ -654,7 +644,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     Classify = Regress = MultiInference = _unimplemented
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService:
     def __init__(self, servables, manager):
         self.servables = servables
         self.manager = manager
@@ -670,18 +660,16 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             if not models:
                 context.abort(grpc.StatusCode.NOT_FOUND,
                               f"Servable not found for request: {spec.name!r}")
-        response = get_model_status_pb2.GetModelStatusResponse()
+        response = tf_serving.GetModelStatusResponse()
         for model in models:
             status = response.model_version_status.add()
             status.version = model.version
-            status.state = (get_model_status_pb2.ModelVersionStatus.AVAILABLE
-                            if model.engine.ready.is_set()
-                            else get_model_status_pb2.ModelVersionStatus.LOADING)
+            status.state = tf_serving.VERSION_STATES[
+                "AVAILABLE" if model.engine.ready.is_set() else "LOADING"]
         return response
 
     def HandleReloadConfigRequest(self, request, context):
-        from tensorflow_serving.apis import model_management_pb2  # pylint: disable=import-outside-toplevel
-        response = model_management_pb2.ReloadConfigResponse()
+        response = tf_serving.ReloadConfigResponse()
         if request.config.WhichOneof("config") != "model_config_list":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "only a model_config_list config is supported")
@@ -893,6 +881,19 @@ class _Registrar:
             service, {name: _parse_in_handler(h) for name, h in handlers.items()})
 
 
+def tf_serving_handler(service, servicer):
+    """A gRPC handler of one of TF Serving's services (`tf_serving.SERVICES`)
+    over `servicer`'s methods of the same names; methods without messages
+    (Classify, Regress, MultiInference) take the raw request."""
+    handlers = {}
+    for method, (request, response) in tf_serving.SERVICES[service].items():
+        handlers[method] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method),
+            request_deserializer=request.FromString if request else None,
+            response_serializer=response.SerializeToString if response else None)
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
 def read_text_proto(path, message):
     """`message` filled from the text proto file `path`; ValueError naming the
     file when it does not parse (TF Serving's config files are text protos)."""
@@ -985,10 +986,10 @@ class Server:
                                 options=options, interceptors=interceptors,
                                 maximum_concurrent_rpcs=max_workers)
         registrar = _Registrar(self.grpc)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.servables), registrar)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.servables, self.manager), registrar)
+        for service, servicer in (
+                ("tensorflow.serving.PredictionService", PredictionService(self.servables)),
+                ("tensorflow.serving.ModelService", ModelService(self.servables, self.manager))):
+            registrar.add_generic_rpc_handlers((tf_serving_handler(service, servicer),))
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationService(self.servables, self.metrics), registrar)
         self.health = health.HealthServicer()
@@ -1020,6 +1021,7 @@ class Server:
                                                              registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
         if profiler_port:
+            import tensorflow as tf  # pylint: disable=import-outside-toplevel
             tf.profiler.experimental.server.start(profiler_port)
         self.http = None
         self.rest_api_port = None
@@ -1146,9 +1148,7 @@ def read_model_config(path):
     """name -> `ModelSpec` of a TF Serving `--model_config_file` (text
     ModelServerConfig: names, base paths, `model_version_policy`,
     `version_labels`)."""
-    from tensorflow_serving.config import model_server_config_pb2  # pylint: disable=import-outside-toplevel
-
-    return model_specs(read_text_proto(path, model_server_config_pb2.ModelServerConfig()))
+    return model_specs(read_text_proto(path, tf_serving.ModelServerConfig()))
 
 
 def read_batching_parameters(path, config):
@@ -1294,7 +1294,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.version:
         from importlib.metadata import version  # pylint: disable=import-outside-toplevel
-        print(f"keras-llm serve {version('keras-llm')} (TensorFlow {tf.__version__})")
+        print(f"keras-llm serve {version('keras-llm')} (TensorFlow {version('tensorflow')})")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name, why in IGNORED_FLAGS.items():
@@ -1321,10 +1321,12 @@ def main(argv=None):
                or args.tensorflow_session_parallelism or args.num_threads)
     intra = args.tensorflow_intra_op_parallelism or args.tensorflow_session_parallelism
     inter = args.tensorflow_inter_op_parallelism or args.tensorflow_session_parallelism
-    if intra:
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-    if inter:
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    if intra or inter:  # TensorFlow's own pools: asked for, so TensorFlow is loaded
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
     config = EngineConfig(max_length=args.max_length, memory_budget_bytes=args.kv_cache_bytes,
                           backend=args.engine_backend, num_threads=threads,
                           max_batch_size=args.max_batch_size, draft=args.draft or "",

@@ -10,8 +10,12 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
+import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, model_pb2, predict_pb2,
+                                     prediction_service_pb2_grpc)
 
 from keras_llm.export.saved_model import export_model
 from keras_llm.serving.client import Client
@@ -92,26 +96,34 @@ def test_model_config_file_serves_several_models(tmp_path):
         server.drain(0)
 
 
-def test_sigterm_drains_running_requests(tmp_path):
-    export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
-    port, profiler_port = free_ports(2)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port), "--model_name", "m",
-         "--model_base_path", str(tmp_path / "m"), "--max_slots", "2", "--max_length", "256",
-         "--profiler_port", str(profiler_port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+def _serve(port, *args):
+    """`keras-llm serve --port PORT ARGS` as its own process, once SERVING."""
+    proc = subprocess.Popen([sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port),
+                             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.time() + 300
         status = None
         while time.time() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read()[-3000:])
             try:
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
             except grpc.RpcError:
                 time.sleep(0.3)
-        assert status == health_pb2.HealthCheckResponse.SERVING
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        proc.kill()
+        raise AssertionError("the server did not report SERVING in 300 s")
+    return proc
+
+
+def test_sigterm_drains_running_requests(tmp_path):
+    export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
+    port, profiler_port = free_ports(2)
+    proc = _serve(port, "--model_name", "m", "--model_base_path", str(tmp_path / "m"),
+                  "--max_slots", "2", "--max_length", "256", "--profiler_port", str(profiler_port))
+    try:
         # TensorBoard's Profile tab can reach the profiler server.
         socket.create_connection(("127.0.0.1", profiler_port), timeout=10).close()
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
@@ -126,6 +138,59 @@ def test_sigterm_drains_running_requests(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _tensorflow_loaded(pid):
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as maps:
+        return "_pywrap_tensorflow_internal" in maps.read()
+
+
+def test_a_litert_server_loads_tensorflow_only_for_the_savedmodels_own_signatures(tmp_path):
+    # A default export decodes with LiteRT: generation, Predict on the
+    # generation signatures, metadata and status need no TensorFlow (590 MB
+    # and 3 s to import); `score` runs the SavedModel and loads it then.
+    lm = tiny_lm(5)
+    export_model(lm, tmp_path, "m", max_new_tokens=8, progress=False)
+    port = free_ports(1)[0]
+    proc = _serve(port, "--model_name", "m", "--model_base_path", str(tmp_path / "m"),
+                  "--max_slots", "2")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            expected = lm.generate("hello", max_new_tokens=6, stop_ids=()).token_ids
+            summary = client.generate("hello", max_new_tokens=6, ignore_eos=True)
+            assert list(summary.token_ids) == list(expected)
+            out = client.predict("m", ["hello"], signature_name="generate",
+                                 max_new_tokens=np.array([6], np.int32),
+                                 temperature=np.zeros([1], np.float32),
+                                 top_p=np.ones([1], np.float32), top_k=np.zeros([1], np.int32),
+                                 seed=np.zeros([1], np.int32))
+            assert out["num_tokens"][0] >= 1
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            metadata = stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+                model_spec=model_pb2.ModelSpec(name="m"), metadata_field=["signature_def"]),
+                timeout=60)
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            metadata.metadata["signature_def"].Unpack(signatures)
+            assert {"generate", "score"} <= set(signatures.signature_def)
+            assert not _tensorflow_loaded(proc.pid)
+            ids = np.array([lm.tokenizer.encode("hello there")], np.int32)
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
+                name="m", signature_name="score"))
+            request.inputs["token_ids"].CopyFrom(tf.make_tensor_proto(ids))
+            request.inputs["num_tokens"].CopyFrom(tf.make_tensor_proto(
+                np.array([ids.shape[1]], np.int32)))
+            scored = {k: tf.make_ndarray(v) for k, v in
+                      stub.Predict(request, timeout=120).outputs.items()}
+            logits = lm.model(ids).numpy()[0]
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            want = [log_probs[i, ids[0, i + 1]] for i in range(ids.shape[1] - 1)]
+            np.testing.assert_allclose(scored["total_log_prob"][0], sum(want), atol=1e-3)
+            assert _tensorflow_loaded(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_sixteen_concurrent_streams_equal_alone(tmp_path):

@@ -81,6 +81,18 @@ def xla_cache_dir():
     return os.path.join(home(), "xla")
 
 
+def use_persistent_xla_cache(directory=None):
+    """Keep XLA's compiled programs in `directory` (default `xla_cache_dir()`)
+    across processes (TF's `--tf_xla_persistent_cache_directory`). Takes
+    effect when called before the process's first XLA compilation; an
+    explicit TF_XLA_FLAGS setting of the directory wins."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in flags:
+        directory = directory or xla_cache_dir()
+        os.makedirs(directory, exist_ok=True)
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+
+
 def _version(package):
     try:
         return importlib.metadata.version(package)

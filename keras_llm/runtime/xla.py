@@ -163,17 +163,6 @@ def _outputs(logits):
     return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
 
 
-def use_persistent_cache(directory):
-    """Keep XLA's compiled programs in `directory` across processes (TF's
-    `--tf_xla_persistent_cache_directory`). Takes effect when called before
-    the process's first XLA compilation; an explicit TF_XLA_FLAGS setting of
-    the directory wins."""
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if "tf_xla_persistent_cache_directory" not in flags:
-        os.makedirs(directory, exist_ok=True)
-        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
-
-
 def _round_up(value, multiple):
     return (value + multiple - 1) // multiple * multiple
 
