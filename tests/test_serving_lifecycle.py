@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (get_model_metadata_pb2, model_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
+from benchmarks.bench_serving import start_server
 from keras_llm.export.saved_model import export_model
 from keras_llm.serving.client import Client
 from keras_llm.serving.engine import EngineConfig
@@ -96,33 +97,10 @@ def test_model_config_file_serves_several_models(tmp_path):
         server.drain(0)
 
 
-def _serve(port, *args):
-    """`keras-llm serve --port PORT ARGS` as its own process, once SERVING."""
-    proc = subprocess.Popen([sys.executable, "-m", "keras_llm.cli", "serve", "--port", str(port),
-                             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.time() + 300
-        status = None
-        while time.time() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stderr.read()[-3000:])
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            except grpc.RpcError:
-                time.sleep(0.3)
-    if status != health_pb2.HealthCheckResponse.SERVING:
-        proc.kill()
-        raise AssertionError("the server did not report SERVING in 300 s")
-    return proc
-
-
 def test_sigterm_drains_running_requests(tmp_path):
     export_model(tiny_lm(3), tmp_path, "m", max_new_tokens=8, progress=False)
     port, profiler_port = free_ports(2)
-    proc = _serve(port, "--model_name", "m", "--model_base_path", str(tmp_path / "m"),
-                  "--max_slots", "2", "--max_length", "256", "--profiler_port", str(profiler_port))
+    proc = start_server(str(tmp_path), "m", port, 2, 256, ("--profiler_port", str(profiler_port)))
     try:
         # TensorBoard's Profile tab can reach the profiler server.
         socket.create_connection(("127.0.0.1", profiler_port), timeout=10).close()
@@ -152,8 +130,7 @@ def test_a_litert_server_loads_tensorflow_only_for_the_savedmodels_own_signature
     lm = tiny_lm(5)
     export_model(lm, tmp_path, "m", max_new_tokens=8, progress=False)
     port = free_ports(1)[0]
-    proc = _serve(port, "--model_name", "m", "--model_base_path", str(tmp_path / "m"),
-                  "--max_slots", "2")
+    proc = start_server(str(tmp_path), "m", port, 2, 256)
     try:
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             expected = lm.generate("hello", max_new_tokens=6, stop_ids=()).token_ids
