@@ -221,6 +221,49 @@ def test_released_file_pages_read_back_the_same(tmp_path):
         assert view[:] == data  # read back from the file, unchanged
 
 
+def test_discard_zeroes_an_array_and_nothing_beside_it():
+    from keras_llm.runtime.litert import discard  # pylint: disable=import-outside-toplevel
+    whole = np.ones(1 << 20, np.float32)  # 4 MB: its own anonymous mapping
+    inner = whole[1001:-1003]  # starts and ends inside a page
+    discard(inner)
+    assert not inner.any()
+    assert whole[:1001].all() and whole[-1003:].all()
+    inner[7] = 3.0  # handed-back pages are usable again
+    assert whole[1008] == 3.0
+    small = np.ones(100, np.float32)  # less than a page: written with zeros
+    discard(small)
+    assert not small.any()
+
+
+def _rss_bytes():
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_cache_memory_follows_the_positions_written(tmp_path):
+    # The caches hold 2,048 positions x 8 rows (34 MB for the 8-row step);
+    # 8 sequences of about 40 positions take a few percent of that, and the
+    # 1-row cache the batch moved off is handed back, zeroed.
+    model = tiny_model(seed=5, head_dim=64, context_length=2048)
+    path = litert.convert(model, str(tmp_path / "long.tflite"), batch_sizes=(1, 8),
+                          max_length=2048, prefill_length=16, lengths=())
+    backend = LiteRTBackend(path, num_threads=1)
+    runner = backend.runner
+    big = runner.signatures["decode_b8"]
+    cache_bytes = sum(4 * int(np.prod(big.shape(name))) for name in runner._cache_names)  # pylint: disable=protected-access
+    assert cache_bytes > 30 << 20
+    prompts = [list(range(3 + i, 20 + 2 * i)) for i in range(8)]
+    expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=24))
+    before = _rss_bytes()
+    tokens = engine_greedy(backend, prompts, 24)
+    grown = _rss_bytes() - before
+    assert tokens == [list(g.token_ids) for g in expected]
+    assert backend.active is big
+    assert grown < 0.25 * cache_bytes, (grown, cache_bytes)  # 100% when the caches were zeroed by writing
+    one_row = runner.signatures["decode_b1"]
+    assert one_row.allocated and not any(one_row.views[name].any() for name in runner._cache_names)  # pylint: disable=protected-access
+
+
 def test_int8_weights_are_not_held_twice(tmp_path):
     # XNNPACK computes with its packed copy (the weights cache): the file's
     # own int8 pages that compiling read are let go (120 MB for SmolLM2).

@@ -16,9 +16,14 @@ of their host memory) and each step's new keys/values are written into them
 in place. Each decode signature (batch size x cache length) has its own
 buffers, allocated when it is first used; `LiteRTBackend` keeps one active,
 holding every busy slot, and moves to a larger or smaller one with a single
-copy when the batch or the longest sequence needs it. (Freeing the one it
-leaves saved little: the allocator keeps the memory for the next, and
-allocating again cost about 5% of 16 streams' tokens/s.)
+copy when the batch or the longest sequence needs it. The buffers are
+zeroed by handing their pages back (`discard`), never by writing zeros, so
+a cache takes memory only for the positions written into it (the runtime
+reading the rest maps the kernel's zero page); the signature the batch
+moves off, and the prefill's own cache once a long prompt is in, are
+handed back the same way. (Freeing the buffers instead saved little: the
+allocator kept the memory for the next, and allocating again cost about 5%
+of 16 streams' tokens/s.)
 
 The keys/values stay float32: XNNPACK takes neither CAST nor DEQUANTIZE of
 a float16 tensor that is not a constant, so a 16-bit cache widened in the
@@ -31,6 +36,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import sys
 
 import numpy as np
 
@@ -111,8 +117,7 @@ def release_file_pages(path):
             lines = maps.readlines()
     except OSError:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     advised = 0
     for line in lines:
         fields = line.split(maxsplit=5)
@@ -121,6 +126,38 @@ def release_file_pages(path):
             if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
                 advised += end - start
     return advised
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_LIBC = None
+
+
+def _libc():
+    global _LIBC  # pylint: disable=global-statement
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+def discard(array):
+    """Zero a C-contiguous array, handing its whole pages back to the
+    system (`madvise(MADV_DONTNEED)` on the pages it spans; the partial
+    pages at its ends are written). Anonymous memory reads back as zeros
+    without being resident, so a cache buffer costs memory only for the
+    positions written into it: the runtime reading the rest maps the
+    kernel's shared zero page."""
+    flat = array.reshape(-1).view(np.uint8)
+    start = array.ctypes.data
+    first = -(-start // _PAGE) * _PAGE - start  # offsets within the array
+    last = (start + flat.size) // _PAGE * _PAGE - start
+    # Only Linux promises zeros after MADV_DONTNEED.
+    if (last - first < _PAGE or not sys.platform.startswith("linux")
+            or _libc().madvise(start + first, last - first, _MADV_DONTNEED) != 0):
+        flat[...] = 0  # not advisable here: write the zeros
+        return
+    flat[:first] = 0
+    flat[last:] = 0
 
 
 def _cache_stem(cache):
@@ -201,8 +238,9 @@ class _Signature:
         for names, buffers in ((self._inputs, inputs), (self._outputs, outputs)):
             for name, buffer in zip(names, buffers):
                 self.views[name] = _host_view(buffer)
-        for name in self._inputs:
-            self.views[name][...] = 0
+        for name, view in self.views.items():
+            if name in self._inputs:
+                discard(view)
         self._buffers = (inputs, outputs)
 
     @property
@@ -298,6 +336,13 @@ class LiteRTRunner:
         for name in self._cache_names:
             target.views[name][:rows, :, :length] = source.views[name][:rows, :, :length]
 
+    def discard_cache(self, signature):
+        """Zero a signature's keys/values and hand their memory back (see
+        `discard`): they take memory again as positions are written."""
+        if signature.allocated:
+            for name in self._cache_names:
+                discard(signature.views[name])
+
     def prefill(self, token_ids, targets=(), all_logits=False, start=0):
         """Run one sequence's tokens at cache positions `start, start + 1, ...`
         (RoPE positions from 0); copy its keys/values into row `row` of each
@@ -319,6 +364,8 @@ class LiteRTRunner:
                                     keep=first + width < len(ids))
             count = len(chunk)
             pieces.append(np.array(logits[:count]) if all_logits else np.array(logits[count - 1]))
+        if len(ids) > width:  # the chunks before the last were kept: no longer needed
+            self.discard_cache(step)
         return np.concatenate(pieces) if all_logits else pieces[-1]
 
     def run_chunk(self, signature, ids, at, key_start, targets=(), keep=True):
@@ -408,6 +455,7 @@ class LiteRTBackend(Backend):
             if self.active is not None:
                 self.runner.copy_cache(self.active, chosen, self.active.batch_size,
                                        self.active.length)
+                self.runner.discard_cache(self.active)
             self.active = chosen
         return chosen
 
