@@ -2,7 +2,7 @@
 fresh process against llama.cpp in a fresh process, `keras-llm serve` from
 start to SERVING on an export, and concurrent TF Serving `Predict` calls and
 `Generate` streams through the server (with the server's memory: idle once
-SERVING, and its peak).
+SERVING, its peak, and once the load is over).
 
     python -m benchmarks.first_minute cli --gguf smollm2-f32.gguf [--rounds 3]
     python -m benchmarks.first_minute serve --model_base_path DIR --model_name NAME \\
@@ -114,6 +114,8 @@ def serve(args):
                 "median": statistics.median(rates), "runs": rates}
         # the server's own peak, every stream's cache held (VmHWM)
         result["peak_rss_mb"] = process_status_kb("VmHWM", proc.pid) // 1024
+        time.sleep(1)  # once idle, the engine hands its cache memory back
+        result["rss_after_load_mb"] = process_status_kb("VmRSS", proc.pid) // 1024
         with open(f"/proc/{proc.pid}/maps", encoding="utf-8") as maps:
             result["tensorflow_loaded"] = "_pywrap_tensorflow_internal" in maps.read()
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -240,28 +241,60 @@ def _rss_bytes():
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-def test_cache_memory_follows_the_positions_written(tmp_path):
-    # The caches hold 2,048 positions x 8 rows (34 MB for the 8-row step);
-    # 8 sequences of about 40 positions take a few percent of that, and the
-    # 1-row cache the batch moved off is handed back, zeroed.
+LONG_PROMPTS = [list(range(3 + i, 20 + 2 * i)) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def long_cache(tmp_path_factory):
+    """A model whose caches hold 2,048 positions x 8 rows (34 MB for the
+    8-row step), its file, and its greedy ids for `LONG_PROMPTS`."""
     model = tiny_model(seed=5, head_dim=64, context_length=2048)
-    path = litert.convert(model, str(tmp_path / "long.tflite"), batch_sizes=(1, 8),
-                          max_length=2048, prefill_length=16, lengths=())
+    path = litert.convert(model, str(tmp_path_factory.mktemp("litert") / "long.tflite"),
+                          batch_sizes=(1, 8), max_length=2048, prefill_length=16, lengths=())
+    expected = Generator(model).generate(LONG_PROMPTS, SamplingParams(max_new_tokens=24))
+    return path, [list(g.token_ids) for g in expected]
+
+
+def _caches_zero(runner):
+    return all(not sig.views[name].any() for sig in runner.signatures.values() if sig.allocated
+               for name in runner._cache_names)  # pylint: disable=protected-access
+
+
+def test_cache_memory_follows_the_positions_written(long_cache):
+    # 8 sequences of about 40 positions take a few percent of the 8-row
+    # cache, and the 1-row cache the batch moved off is handed back, zeroed.
+    path, expected = long_cache
     backend = LiteRTBackend(path, num_threads=1)
     runner = backend.runner
     big = runner.signatures["decode_b8"]
     cache_bytes = sum(4 * int(np.prod(big.shape(name))) for name in runner._cache_names)  # pylint: disable=protected-access
     assert cache_bytes > 30 << 20
-    prompts = [list(range(3 + i, 20 + 2 * i)) for i in range(8)]
-    expected = Generator(model).generate(prompts, SamplingParams(max_new_tokens=24))
     before = _rss_bytes()
-    tokens = engine_greedy(backend, prompts, 24)
+    tokens = engine_greedy(backend, LONG_PROMPTS, 24)
     grown = _rss_bytes() - before
-    assert tokens == [list(g.token_ids) for g in expected]
+    assert tokens == expected
     assert backend.active is big
     assert grown < 0.25 * cache_bytes, (grown, cache_bytes)  # 100% when the caches were zeroed by writing
     one_row = runner.signatures["decode_b1"]
     assert one_row.allocated and not any(one_row.views[name].any() for name in runner._cache_names)  # pylint: disable=protected-access
+
+
+def test_an_idle_engine_hands_its_cache_memory_back(long_cache):
+    from keras_llm.runtime.engine import Engine, EngineConfig as RuntimeConfig  # pylint: disable=import-outside-toplevel
+    from keras_llm.runtime.params import SamplingParams as Params  # pylint: disable=import-outside-toplevel
+    path, expected = long_cache
+    backend = LiteRTBackend(path, num_threads=1)
+    engine = Engine(backend, None, RuntimeConfig(max_slots=8), stop_ids=()).start()
+    try:
+        for _ in range(2):  # and it answers the same after giving the memory back
+            results = engine.generate(LONG_PROMPTS, Params(max_new_tokens=24), text=False)
+            assert [r.token_ids for r in results] == expected
+            deadline = time.monotonic() + 30  # the scheduler thread releases once idle
+            while backend.active is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert backend.active is None and _caches_zero(backend.runner)
+    finally:
+        engine.stop()
 
 
 def test_int8_weights_are_not_held_twice(tmp_path):
@@ -359,7 +392,9 @@ def test_server_uses_litert_and_matches_the_generator(litert_server):
         results = list(pool.map(lambda p: stream(channel, text=p, max_new_tokens=20)[1], prompts))
     for prompt, summary in zip(prompts, results):
         assert list(summary.token_ids) == lm.generate(prompt, max_new_tokens=20).token_ids
-    assert backend.active.length == 48
+    # (the engine hands the caches back once idle: `active` may be gone)
+    assert backend.runner.signatures["decode_b4_s48"].allocated
+    assert not backend.runner.signatures["decode_b4"].allocated
 
 
 def test_server_litert_sampling_matches_generator(litert_server):

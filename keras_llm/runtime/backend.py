@@ -18,6 +18,11 @@ and, for speculative decoding (`keras_llm.runtime.speculative`), where
                                       one call -> logits (n, V), one row per token
     rewind(slot, length)              keep the slot's first `length` positions
 
+and, optionally:
+
+    release()                         no slot holds a sequence: hand back the cache
+                                      memory that can be (a server going idle)
+
 Positions are the backend's business (a backend that left-pads prompts to
 shape buckets knows where each row's next token goes); the engine only
 promises that a slot's tokens arrive in order.
@@ -97,6 +102,10 @@ class Backend:
         """Forget all but the first `length` positions of `slot` (the next
         token goes to position `length`)."""
         raise NotImplementedError(f"the {self.capabilities.name} backend cannot rewind a slot")
+
+    def release(self):
+        """Every slot is free: give back the cache memory the backend can
+        (the engine calls this when it goes idle; default: nothing)."""
 
     def close(self):
         """Free what the backend holds."""

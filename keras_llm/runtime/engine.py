@@ -300,10 +300,11 @@ class Engine:
         """Run every step size the backend compiles once, then a request
         (with a draft model: one that speculates)."""
         rows = [r for r in self.backend.capabilities.row_counts if r <= self.num_slots]
-        for count in rows or [1]:
-            for slot in range(count):
-                self.backend.prefill([0], slot)
-            self.backend.step(np.zeros([count], np.int32), np.arange(count))
+        with self._driver:  # the scheduler thread may be running (and releasing)
+            for count in rows or [1]:
+                for slot in range(count):
+                    self.backend.prefill([0], slot)
+                self.backend.step(np.zeros([count], np.int32), np.arange(count))
         # long enough for a speculative step (the draft and the verify step) too
         tokens = 2 + (self.speculator.tokens if self.speculator is not None else 0)
         self.generate([[0]], SamplingParams(max_new_tokens=tokens, ignore_eos=True), text=False)
@@ -340,6 +341,13 @@ class Engine:
 
     def _loop(self):
         while True:
+            with self._lock:
+                idle = self._idle()
+            if idle:  # the last sequence is done: its cache memory can go
+                with self._driver:
+                    self.backend.release()
+                    if self.speculator is not None:
+                        self.speculator.release()
             with self._lock:
                 while not self._stopping and self._idle():
                     self._lock.wait()

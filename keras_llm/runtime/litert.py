@@ -530,6 +530,14 @@ class LiteRTBackend(Backend):
         self._mirrors = {sig: (owner, min(current, length) if owner == slot else current)
                          for sig, (owner, current) in self._mirrors.items()}
 
+    def release(self):
+        # Nothing to carry over: every cache is handed back, and the next
+        # prefill starts again from the smallest signature.
+        for signature in self.runner.signatures.values():
+            self.runner.discard_cache(signature)
+        self.active = None
+        self._mirrors = {}
+
     def close(self):
         self.active = None
         self.runner = None

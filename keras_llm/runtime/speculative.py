@@ -104,6 +104,11 @@ class Speculator:
         self._length = min(self._length, context_length + accepted)
         self.draft.rewind(0, self._length)
 
+    def release(self):
+        """No request is running: the draft's cache memory can go."""
+        self._owner, self._length = None, 0
+        self.draft.release()
+
     def forget(self, owner):
         """`owner` finished: its tokens are no use to anyone."""
         if owner is self._owner:
