@@ -313,8 +313,12 @@ class HostTokenizer:
         self.special_token_ids = [index[t] for t in specials]
         self.stop_ids = generation_stop_ids(index, self.eos_id)
         # Each token's bytes are worked out when it is first decoded (the
-        # whole table would cost a tenth of a second at start-up).
-        self._vocabulary, self._specials = vocabulary, set(specials)
+        # whole table would cost a tenth of a second at start-up), from the
+        # token's text in `tokenizers`' own table: a Python list of the
+        # vocabulary would hold another 8 MB (SmolLM2) for the process's life.
+        # Ids whose text is an earlier id's too are not in that table.
+        self._duplicates = {i: t for i, t in enumerate(vocabulary) if index[t] != i}
+        self._specials = set(specials)
         self._byte_decoder = {ch: b for b, ch in enumerate(bytes_to_unicode())}
         self._token_bytes = [None] * len(vocabulary)
         self._max_token_bytes = None
@@ -359,7 +363,8 @@ class HostTokenizer:
         if self._max_token_bytes is None:
             # A byte-level symbol is one byte; other characters at most four.
             self._max_token_bytes = max(
-                (len(t.encode("utf-8")) for t in self._vocabulary), default=1)
+                (len(t.encode("utf-8")) for t in self._hf.get_vocab(with_added_tokens=True)),
+                default=1)
         return self._max_token_bytes
 
     def token_bytes(self, token_id):
@@ -368,7 +373,8 @@ class HostTokenizer:
             raise IndexError(f"token id {token_id} outside [0, {self.vocabulary_size})")
         data = self._token_bytes[token_id]
         if data is None:
-            token, table = self._vocabulary[token_id], self._byte_decoder
+            token = self._duplicates.get(token_id) or self._hf.id_to_token(token_id)
+            table = self._byte_decoder
             if token in self._specials or any(ch not in table for ch in token):
                 data = token.encode("utf-8")
             else:
