@@ -147,6 +147,8 @@ def discard(array):
     without being resident, so a cache buffer costs memory only for the
     positions written into it: the runtime reading the rest maps the
     kernel's shared zero page."""
+    if not array.flags.c_contiguous:  # a reshape would zero a copy
+        raise ValueError("discard takes a C-contiguous array")
     flat = array.reshape(-1).view(np.uint8)
     start = array.ctypes.data
     first = -(-start // _PAGE) * _PAGE - start  # offsets within the array
@@ -238,9 +240,8 @@ class _Signature:
         for names, buffers in ((self._inputs, inputs), (self._outputs, outputs)):
             for name, buffer in zip(names, buffers):
                 self.views[name] = _host_view(buffer)
-        for name, view in self.views.items():
-            if name in self._inputs:
-                discard(view)
+        for name in self._inputs:
+            discard(self.views[name])
         self._buffers = (inputs, outputs)
 
     @property

@@ -373,7 +373,9 @@ class HostTokenizer:
             raise IndexError(f"token id {token_id} outside [0, {self.vocabulary_size})")
         data = self._token_bytes[token_id]
         if data is None:
-            token = self._duplicates.get(token_id) or self._hf.id_to_token(token_id)
+            token = self._duplicates.get(token_id)
+            if token is None:
+                token = self._hf.id_to_token(token_id)
             table = self._byte_decoder
             if token in self._specials or any(ch not in table for ch in token):
                 data = token.encode("utf-8")
