@@ -1,5 +1,5 @@
-"""A user's own causal LM: the engine (recompute backend) against the user's
-own `model.predict` greedy loop, at 32 new tokens.
+"""A user's own causal LM: the engine against the user's own `model.predict`
+greedy loop, at 32 new tokens.
 
 The three models of `tests/user_layers.py` (keras.io mini GPT with custom
 layers, the same from built-in layers, a hand-written Llama) at a bigger
@@ -7,9 +7,12 @@ config (hidden 256, 4 layers, vocabulary 8000, context 512), saved to
 `.keras` and loaded back as a user would. Both sides produce the same tokens
 (checked); the table gives the median wall time of `--repeats` runs after
 one warm-up run each (the engine's XLA compilation or LiteRT conversion is
-in the warm-up, and reported separately). The hand-written Llama maps onto
-keras-llm's own Llama (`keras_llm.llama_map`) and decodes on LiteRT with a KV
-cache; the two GPTs run on the recompute backend.
+in the warm-up, and reported separately). Each model runs on the backend
+`keras_llm.load` picks for it: the hand-written Llama maps onto keras-llm's
+own Llama (`keras_llm.llama_map`) and decodes on LiteRT with a KV cache, the
+two GPTs cache in their MultiHeadAttention layers (`runtime.mha_cache`). The
+two GPTs also run on the generic path every causal LM can take (the
+recompute backend: the whole sequence each step, no cache).
 
     python -m benchmarks.user_model [--repeats 3] [--new-tokens 32] [--prompt-length 32]
                                     [--length-bucket N]
@@ -32,6 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import keras_llm  # noqa: E402
+from keras_llm.runtime.engine import Engine, EngineConfig  # noqa: E402
 from tests import user_layers  # noqa: E402
 
 CONFIG = dict(vocab_size=8000, maxlen=512, embed_dim=256, num_heads=4, ff_dim=1024, num_layers=4)
@@ -77,17 +81,28 @@ def main(argv=None):
             model.save(path)
             user = keras_llm.load_model(path)
             lm = keras_llm.load(path)
-            if args.length_bucket and hasattr(lm.engine.backend, "length_bucket"):
-                lm.engine.backend.length_bucket = args.length_bucket
             baseline, _, reference = timed(
                 lambda: user_layers.greedy_predict(user, prompt, args.new_tokens, pad_to),  # noqa: B023
                 args.repeats)
             engine, first, completion = timed(
                 lambda: lm.generate_ids([prompt], max_new_tokens=args.new_tokens)[0],  # noqa: B023
                 args.repeats)
-            same = completion.token_ids == reference
             backend = lm.engine.backend.capabilities.name
-            rows.append((name, backend, baseline, engine, first, same))
+            rows.append((name, backend, baseline, engine, first,
+                         completion.token_ids == reference))
+            if backend == "recompute" or "llama" in name:
+                continue
+            recompute = lm.recompute_backend()
+            if args.length_bucket:
+                recompute.length_bucket = args.length_bucket
+            generic = Engine(recompute, None, EngineConfig(
+                max_slots=1, max_length=recompute.capabilities.max_length))
+            params = lm.sampling_params(max_new_tokens=args.new_tokens)
+            engine, first, [result] = timed(
+                lambda: generic.generate([prompt], params),  # noqa: B023
+                args.repeats)
+            rows.append((name, "recompute (generic)", baseline, engine, first,
+                         result.token_ids == reference))
     print(f"\n{args.new_tokens} new tokens after a {args.prompt_length}-token prompt, batch 1, "
           f"median of {args.repeats} (CPU, {os.cpu_count()} cores)\n")
     print("| model | engine backend | user's predict loop s | engine s | speed-up | "

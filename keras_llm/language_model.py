@@ -59,8 +59,8 @@ class LanguageModel:
             when needed. A model not built by `build_llama` (any causal LM
             mapping token ids `(B, T)` to logits `(B, T, V)`) generates with
             a KV cache where that is checked to be exact (a Llama-shaped
-            model on keras-llm's Llama, `keras_llm.llama_map`; a Functional
-            `MultiHeadAttention` model, `keras_llm.runtime.mha_cache`), else
+            model on keras-llm's Llama, `keras_llm.llama_map`; a model whose
+            attention is `MultiHeadAttention`, `keras_llm.runtime.mha_cache`), else
             on the recompute backend (`keras_llm.runtime.recompute`).
         tokenizer: its `BytePairTokenizer`, any object with `encode(text) ->
             ids` and `decode(ids) -> text` (e.g. a `tokenizers.Tokenizer`),
@@ -207,7 +207,7 @@ class LanguageModel:
         if not self.generic:
             return self._cached_backend()  # the model loads (TensorFlow) only if needed
         # A user's model gets a KV cache where one is safe: a Llama-shaped one on keras-llm's
-        # Llama, a Functional MultiHeadAttention one in its own layers; anything else recomputes.
+        # Llama, a MultiHeadAttention one in its own layers; anything else recomputes.
         from keras_llm import llama_map  # pylint: disable=import-outside-toplevel
         try:
             llama = llama_map.to_llama(self.model, context_length=self.max_positions)

@@ -1,9 +1,14 @@
-"""The KV-cache backend for a user's Functional MultiHeadAttention LM
-(keras_llm.runtime.mha_cache): the recompute backend's tokens, greedy and
-sampled, alone and batched, and refusals where a cache would be wrong."""
+"""The KV-cache backend for a user's MultiHeadAttention LM
+(keras_llm.runtime.mha_cache), with its attention at the top of a Functional
+model or inside the user's own layers (keras.io's TransformerBlock): the
+recompute backend's tokens, greedy and sampled, alone and batched, and
+refusals where a cache would be wrong."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tf_keras as keras
+from tf_keras import layers
 
 from keras_llm.runtime.engine import Engine, EngineConfig
 from keras_llm.runtime.mha_cache import MHACacheBackend
@@ -17,9 +22,11 @@ def _engine(backend):
                                               max_length=backend.capabilities.max_length))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return user_layers.builtin_gpt(vocab_size=128, maxlen=64, seed=7)
+@pytest.fixture(scope="module", params=["builtin_gpt", "mini_gpt"])
+def model(request):
+    """The built-in-layers GPT (any length), and keras.io's, whose attention
+    and position embedding sit inside its own layers (fixed input length)."""
+    return getattr(user_layers, request.param)(vocab_size=128, maxlen=64, seed=7)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
@@ -39,13 +46,55 @@ def test_greedy_equals_the_predict_loop(model):
     prompt = [4, 8, 15, 16, 23, 42]
     [completion] = _engine(MHACacheBackend.from_model(model)).generate(
         [prompt], SamplingParams(max_new_tokens=30, ignore_eos=True))
-    assert completion.token_ids == user_layers.greedy_predict(model, prompt, 30)
+    fixed = model.inputs[0].shape[1]  # keras.io's loop pads to the model's input length
+    assert completion.token_ids == user_layers.greedy_predict(model, prompt, 30, fixed)
+
+
+def test_the_user_layers_are_left_as_they_were(model):
+    """The swapped calls live only while a step is traced: afterwards the
+    model computes what it computed before."""
+    ids = np.random.default_rng(0).integers(1, 128, size=(1, model.inputs[0].shape[1] or 16))
+    before = model(ids, training=False).numpy()
+    backend = MHACacheBackend.from_model(model)
+    backend.prefill([1, 2, 3], 0)
+    np.testing.assert_array_equal(model(ids, training=False).numpy(), before)
+    swapped = [layer for layer in model.submodules
+               if isinstance(layer, (layers.MultiHeadAttention, layers.Embedding))]
+    assert swapped and not any("call" in vars(layer) for layer in swapped)
+
+
+def _shared_attention_gpt():
+    """One MultiHeadAttention layer called by two blocks (shared weights)."""
+    keras.utils.set_random_seed(0)
+    inputs = layers.Input(shape=(None,), dtype="int32")
+    x = layers.Embedding(128, 32)(inputs) + layers.Embedding(64, 32)(_positions(inputs))
+    attention = layers.MultiHeadAttention(2, 16)
+    for _ in range(2):
+        x = layers.LayerNormalization()(x + attention(x, x, use_causal_mask=True))
+    return keras.Model(inputs, layers.Dense(128)(x))
+
+
+def _positions(inputs):
+    return tf.range(tf.shape(inputs)[1])
+
+
+def _convolution_gpt():
+    """Causal, but a causal Conv1D mixes each token with the two before it,
+    which a one-token step does not see."""
+    keras.utils.set_random_seed(0)
+    inputs = layers.Input(shape=(None,), dtype="int32")
+    x = layers.Embedding(128, 32)(inputs) + layers.Embedding(64, 32)(_positions(inputs))
+    x = layers.Conv1D(32, 3, padding="causal")(x)
+    x = layers.LayerNormalization()(x + layers.MultiHeadAttention(2, 16)(
+        x, x, use_causal_mask=True))
+    return keras.Model(inputs, layers.Dense(128)(x))
 
 
 @pytest.mark.parametrize("build, why", [
-    (user_layers.mini_gpt, "not MultiHeadAttention layers of the model itself"),
-    (lambda: user_layers.builtin_gpt(causal=False), "causal self-attention"),
-    (user_layers.small_llama, "not MultiHeadAttention layers"),
+    (lambda: user_layers.builtin_gpt(causal=False), "not causal"),
+    (user_layers.small_llama, "no MultiHeadAttention"),
+    (_shared_attention_gpt, "called more than once"),
+    (_convolution_gpt, "differ from its own logits"),
 ])
 def test_models_a_cache_would_get_wrong_are_refused(build, why):
     with pytest.raises(ValueError, match=why):
@@ -57,3 +106,7 @@ def test_prompt_past_the_position_embedding_is_refused(model):
     assert backend.capabilities.max_length == 64
     with pytest.raises(ValueError, match="limit of 64 positions"):
         backend.prefill(list(range(1, 61)), 0, reserve=8)
+    backend.prefill(list(range(1, 64)), 0)
+    backend.step([5], [0])  # the 64th position
+    with pytest.raises(ValueError, match="limit of 64 positions"):
+        backend.step([5], [0])

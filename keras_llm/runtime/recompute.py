@@ -52,7 +52,7 @@ class RecomputeFunctions(tf.Module):
         super().__init__(name="recompute")
         self.model = model
         self.any_length = bool(any_length)
-        self.body, self.head = _split_head(model)
+        self.body, self.head = split_head(model)
         self.jit_compile = bool(jit_compile)
         self.last_logits = self._function()
 
@@ -68,18 +68,26 @@ class RecomputeFunctions(tf.Module):
         self.last_logits = self._function()
 
     def _last_logits(self, token_ids, last):
-        if self.head is None:
-            logits = _call(self.model, token_ids, self.any_length)  # (B, T, V)
-            logits = tf.gather(logits, last, batch_dims=1)  # (B, V)
-        else:
-            hidden = _call(self.body, token_ids, self.any_length)  # (B, T, H)
-            hidden = tf.gather(hidden, last, batch_dims=1)[:, tf.newaxis, :]  # (B, 1, H)
-            logits = self.head(hidden)[:, 0, :]  # (B, V)
-        logits = tf.cast(logits, tf.float32)
-        return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
+        return last_logits(self.model, (self.body, self.head), token_ids, last, self.any_length)
 
 
-def _call(model, token_ids, any_length):
+def last_logits(model, split, token_ids, last, any_length):
+    """`(greedy (B,) int32, float32 logits (B, V))` of `model` on `token_ids
+    (B, T)` at position `last[b]` of each row; with `split` (`(body, head)`
+    from `split_head`, not `(None, None)`) the head runs on those positions only."""
+    body, head = split
+    if head is None:
+        logits = call_model(model, token_ids, any_length)  # (B, T, V)
+        logits = tf.gather(logits, last, batch_dims=1)  # (B, V)
+    else:
+        hidden = call_model(body, token_ids, any_length)  # (B, T, H)
+        hidden = tf.gather(hidden, last, batch_dims=1)[:, tf.newaxis, :]  # (B, 1, H)
+        logits = head(hidden)[:, 0, :]  # (B, V)
+    logits = tf.cast(logits, tf.float32)
+    return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
+
+
+def call_model(model, token_ids, any_length):
     """`model(token_ids)`; with `any_length`, past the input-shape check
     (`Model.call` runs the same layers without it)."""
     if any_length:
@@ -87,7 +95,7 @@ def _call(model, token_ids, any_length):
     return model(token_ids, training=False)
 
 
-def _split_head(model):
+def split_head(model):
     """`(body, head)` of a Functional model whose output is a `Dense` layer's
     (body: the same layers up to the head's input), else `(None, None)`."""
     layers = getattr(model, "layers", None)
@@ -192,7 +200,7 @@ def runs_shorter(model, length, fixed, seed=0):
     ids = np.random.default_rng(seed).integers(0, 2, size=(1, fixed)).astype(np.int32)
     try:
         full = np.asarray(tf.cast(model(tf.constant(ids), training=False), tf.float32))
-        short = np.asarray(tf.cast(_call(model, tf.constant(ids[:, :length]), True),
+        short = np.asarray(tf.cast(call_model(model, tf.constant(ids[:, :length]), True),
                                    tf.float32))
     except Exception:  # pylint: disable=broad-except
         return False
