@@ -90,11 +90,24 @@ def _convolution_gpt():
     return keras.Model(inputs, layers.Dense(128)(x))
 
 
+def _padding_mask_gpt():
+    """Token 0 is padding (`mask_zero=True`), and the mask reaches the
+    attention, which then ignores those keys: not what the cache computes."""
+    keras.utils.set_random_seed(0)
+    inputs = layers.Input(shape=(None,), dtype="int32")
+    positions = layers.Embedding(64, 32)(tf.zeros_like(inputs) + _positions(inputs))
+    x = layers.Add()([layers.Embedding(128, 32, mask_zero=True)(inputs), positions])
+    x = layers.LayerNormalization()(x + layers.MultiHeadAttention(2, 16)(
+        x, x, use_causal_mask=True))
+    return keras.Model(inputs, layers.Dense(128)(x))
+
+
 @pytest.mark.parametrize("build, why", [
     (lambda: user_layers.builtin_gpt(causal=False), "not causal"),
     (user_layers.small_llama, "no MultiHeadAttention"),
     (_shared_attention_gpt, "called more than once"),
     (_convolution_gpt, "differ from its own logits"),
+    (_padding_mask_gpt, "padding mask"),
 ])
 def test_models_a_cache_would_get_wrong_are_refused(build, why):
     with pytest.raises(ValueError, match=why):

@@ -60,6 +60,8 @@ def _refuse_call(mha, query, value, key, kwargs):
         return "it is not causal (use_causal_mask=True)"
     if kwargs.get("attention_mask") is not None or kwargs.get("return_attention_scores"):
         return "it takes an attention mask or returns its scores"
+    if any(getattr(x, "_keras_mask", None) is not None for x in (query, value, key)):
+        return "its inputs carry a padding mask (an Embedding with mask_zero=True)"
     if tuple(getattr(mha, "_attention_axes", None) or (1,)) != (1,) or query.shape.rank != 3:
         return "it attends over axes other than time"
     return None
