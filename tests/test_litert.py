@@ -258,11 +258,13 @@ def long_cache(tmp_path_factory):
     return path, [list(g.token_ids) for g in expected]
 
 
-def _caches_zero(runner, signatures=None):
-    """Every allocated signature's keys/values (of `signatures`, default all) are zero."""
+def _caches_zero(runner, signatures=None, outputs=False):
+    """Every allocated signature's keys/values (of `signatures`, default
+    all), and with `outputs` its outputs, are zero."""
     chosen = runner.signatures.values() if signatures is None else signatures
     return all(not sig.views[name].any() for sig in chosen if sig.allocated
-               for name in runner._cache_names)  # pylint: disable=protected-access
+               for name in runner._cache_names  # pylint: disable=protected-access
+               + (sig.output_names if outputs else []))
 
 
 def test_cache_memory_follows_the_positions_written(long_cache):
@@ -297,7 +299,8 @@ def test_an_idle_engine_hands_its_cache_memory_back(long_cache):
             deadline = time.monotonic() + 30  # the scheduler thread releases once idle
             while backend.active is not None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert backend.active is None and _caches_zero(backend.runner)
+            assert backend.active is None and _caches_zero(backend.runner, outputs=True)
+            assert backend.runner.signatures["prefill"].allocated  # its logits were handed back
     finally:
         engine.stop()
 

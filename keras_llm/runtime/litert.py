@@ -248,6 +248,10 @@ class _Signature:
     def allocated(self):
         return self._buffers is not None
 
+    @property
+    def output_names(self):
+        return list(self._outputs)
+
     def shape(self, name):
         """An input's or output's shape (known before allocation)."""
         details = self._inputs[name] if name in self._inputs else self._outputs[name]
@@ -337,11 +341,15 @@ class LiteRTRunner:
         for name in self._cache_names:
             target.views[name][:rows, :, :length] = source.views[name][:rows, :, :length]
 
-    def discard_cache(self, signature):
+    def discard_cache(self, signature, outputs=False):
         """Zero a signature's keys/values and hand their memory back (see
-        `discard`): they take memory again as positions are written."""
+        `discard`): they take memory again as positions are written. With
+        `outputs`, its outputs too (every run writes them whole): the
+        prefill's logits alone are 12.6 MB for SmolLM2."""
         if signature.allocated:
             for name in self._cache_names:
+                discard(signature.views[name])
+            for name in signature.output_names if outputs else ():
                 discard(signature.views[name])
 
     def prefill(self, token_ids, targets=(), all_logits=False, start=0):
@@ -535,7 +543,7 @@ class LiteRTBackend(Backend):
         # Nothing to carry over: every cache is handed back, and the next
         # prefill starts again from the smallest signature.
         for signature in self.runner.signatures.values():
-            self.runner.discard_cache(signature)
+            self.runner.discard_cache(signature, outputs=True)
         self.active = None
         self._mirrors = {}
 
