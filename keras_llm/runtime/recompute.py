@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_llm.runtime.backend import Backend, Capabilities, row_counts
+from keras_llm.runtime.backend import Backend, Capabilities, concrete, row_counts
 
 LOG = logging.getLogger("keras_llm.runtime.recompute")
 
@@ -355,14 +355,9 @@ class RecomputeBackend(Backend):
         return outputs
 
     def _function(self):
-        """`functions.last_logits` as its concrete function, called without
-        `tf.function`'s dispatch: the mini GPT of `benchmarks/user_model` at
-        64 positions, 4.43 ms a step against 4.87 ms."""
+        """`functions.last_logits` as its concrete function (see `concrete`;
+        `use_xla` replaces the function)."""
         source = self.functions.last_logits
         if self._source is not source:
-            try:
-                self._concrete = source.get_concrete_function()
-            except (AttributeError, TypeError, ValueError):  # not a tf.function with a signature
-                self._concrete = source
-            self._source = source
+            self._concrete, self._source = concrete(source), source
         return self._concrete

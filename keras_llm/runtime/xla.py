@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_llm.layers import KVCacheContext
 from keras_llm.models import config_from_model, find_layer
-from keras_llm.runtime.backend import Backend, Capabilities, row_counts
+from keras_llm.runtime.backend import Backend, Capabilities, concrete, row_counts
 
 
 class SlotCacheContext(KVCacheContext):
@@ -183,6 +183,7 @@ class XLABackend(Backend):
     def __init__(self, functions, vocabulary_size, context_length, prompt_bucket=64,
                  max_slots=16, dtype="float32"):
         self.functions = functions
+        self._prefill, self._decode = concrete(functions.prefill), concrete(functions.decode)
         self.prompt_bucket = int(prompt_bucket)
         self.capabilities = Capabilities("xla", int(max_slots), int(context_length),
                                          int(vocabulary_size), dtype)
@@ -217,9 +218,8 @@ class XLABackend(Backend):
         padded = np.zeros([1, padded_length], np.int32)
         padded[0, padded_length - len(ids):] = ids
         key_start = padded_length - len(ids)
-        _, logits = self.functions.prefill(tf.constant(padded),
-                                           tf.constant([key_start], tf.int32),
-                                           tf.constant(slot, tf.int32))
+        _, logits = self._prefill(tf.constant(padded), tf.constant([key_start], tf.int32),
+                                  tf.constant(slot, tf.int32))
         self._position[slot] = padded_length
         self._key_start[slot] = key_start
         return logits.numpy()[0]
@@ -233,7 +233,7 @@ class XLABackend(Backend):
         index[rows] = self._position[rows]
         key_start = np.zeros([count], np.int32)
         key_start[rows] = self._key_start[rows]
-        greedy, logits = self.functions.decode(tf.constant(feed), tf.constant(index),
-                                               tf.constant(key_start))
+        greedy, logits = self._decode(tf.constant(feed), tf.constant(index),
+                                      tf.constant(key_start))
         self._position[rows] += 1
         return (greedy.numpy()[rows], logits.numpy()[rows] if need_logits else None)
