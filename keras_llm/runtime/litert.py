@@ -230,7 +230,7 @@ class _Signature:
         self.batch_size = self.shape("tokens")[0]
         self.length = self.shape("k_0")[2]  # cache positions
         self.views = {}
-        self.new_keys = None  # see LiteRTRunner.step
+        self.cache_pairs = []  # (cache, the step's new keys/values) views, once bound
         self._buffers = None
 
     def bind(self):
@@ -243,8 +243,9 @@ class _Signature:
                 self.views[name] = _host_view(buffer)
         for name in self._inputs:
             discard(self.views[name])
+        self.cache_pairs = [(self.views[name], self.views[f"new_{name}"])
+                            for name in self._inputs if f"new_{name}" in self._outputs]
         self._buffers = (inputs, outputs)
-        self.new_keys = None
 
     @property
     def allocated(self):
@@ -424,15 +425,12 @@ class LiteRTRunner:
         views["index"][:count] = index
         views["key_start"][:count] = key_start
         signature.run()
-        if signature.new_keys is None:  # (cache, this step's keys/values) pairs, once
-            signature.new_keys = [(views[name], views[f"new_{name}"])
-                                  for name in self._cache_names]
         if count == 1:  # plain indexing: 25 us for SmolLM2's 60 caches against 90
             at = int(index[0])
-            for cache, new in signature.new_keys:
+            for cache, new in signature.cache_pairs:
                 cache[0, :, at] = new[0, :, 0]
         else:
-            for cache, new in signature.new_keys:
+            for cache, new in signature.cache_pairs:
                 cache[rows, :, index] = new[:count, :, 0]
         return np.array(views["greedy"][:count])
 
