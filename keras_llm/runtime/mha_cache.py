@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from keras_llm.runtime.backend import Backend, Capabilities, row_counts
 from keras_llm.runtime.recompute import (call_model, fixed_length, last_logits, max_positions,
-                                         probe_model, split_head)
+                                         probe_model, split_head, tolerance)
 
 _MASKED = -1e9  # what MultiHeadAttention's masked softmax adds
 
@@ -242,7 +242,7 @@ class MHACacheBackend(Backend):
             with _swapped_calls(self.attention, self.positions, self.context):
                 return last_logits(self.model, self.split, token_ids, last, self.any_length)
         finally:
-            self.context.rows = self.context.positions = None
+            self.context.rows = self.context.positions = self.context.window = None
 
     def prefill(self, token_ids, slot, reserve=0):
         ids = np.asarray(token_ids, np.int32).reshape(-1)
@@ -306,9 +306,7 @@ class MHACacheBackend(Backend):
         difference = max(float(np.max(np.abs(np.stack(got[slot]) - full[cut - 1 - slot:
                                                                              length - slot])))
                          for slot in slots)
-        scale = max(1.0, float(np.max(np.abs(full))))
-        if difference > (1e-2 if self.capabilities.dtype in ("float16", "bfloat16")
-                         else 1e-4) * scale:
+        if difference > tolerance(self.model, full):
             raise ValueError(f"its cached steps differ from its own logits by up to "
                              f"{difference:.3g} (a layer mixes positions in a way the cache "
                              "does not reproduce)")

@@ -113,9 +113,10 @@ def split_head(model):
         return None, None
 
 
-def _tolerance(model, reference):
-    """Allowed logit change at earlier positions: float32 round-off, or
-    16-bit round-off for a mixed-precision model."""
+def tolerance(model, reference):
+    """Allowed difference from `reference` logits (a probe's earlier
+    positions, a cached step's): float32 round-off, or 16-bit round-off for
+    a mixed-precision model."""
     sixteen = str(getattr(model, "compute_dtype", "float32")) in ("float16", "bfloat16")
     return (1e-2 if sixteen else 1e-4) * max(1.0, float(np.max(np.abs(reference))))
 
@@ -165,7 +166,7 @@ def probe_model(model, length, vocabulary_size=None, seed=0):
     if vocabulary_size is None:
         return probe_model(model, length, logits.shape[-1], seed)
     change = float(np.max(np.abs(logits[0, :cut] - logits[1, :cut])))
-    if change > _tolerance(model, logits[0, :cut]):
+    if change > tolerance(model, logits[0, :cut]):
         raise ValueError(
             f"model {model.name!r} is not causal: changing the tokens from position {cut} on "
             f"changed the logits at earlier positions (by up to {change:.3g}); generation needs "
@@ -205,7 +206,7 @@ def runs_shorter(model, length, fixed, seed=0):
     except Exception:  # pylint: disable=broad-except
         return False
     return (short.shape == full[:, :length].shape
-            and float(np.max(np.abs(short - full[:, :length]))) <= _tolerance(model, full))
+            and float(np.max(np.abs(short - full[:, :length]))) <= tolerance(model, full))
 
 
 def fixed_length(model):
