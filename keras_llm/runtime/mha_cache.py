@@ -30,6 +30,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from keras_llm.generation import round_up
 from keras_llm.runtime.backend import Backend, Capabilities, row_counts
 from keras_llm.runtime.recompute import (call_model, fixed_length, last_logits, max_positions,
                                          probe_model, split_head, tolerance)
@@ -249,7 +250,7 @@ class MHACacheBackend(Backend):
         if len(ids) + reserve > self.max_length:
             raise ValueError(f"prompt of {len(ids)} tokens plus {reserve} new tokens exceeds the "
                              f"model's limit of {self.max_length} positions")
-        width = min(-(-len(ids) // self.length_bucket) * self.length_bucket, self.max_length)
+        width = min(round_up(len(ids), self.length_bucket), self.max_length)
         padded = np.zeros([1, width], np.int32)  # right padding: written past the prompt,
         padded[0, :len(ids)] = ids               # overwritten before any step attends to it
         _, logits = self._run(tf.constant(padded), tf.constant([slot], tf.int32),

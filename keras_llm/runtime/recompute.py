@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from keras_llm.generation import round_up
 from keras_llm.runtime.backend import Backend, Capabilities, concrete, row_counts
 
 LOG = logging.getLogger("keras_llm.runtime.recompute")
@@ -217,10 +218,6 @@ def fixed_length(model):
     return None
 
 
-def _round_up(value, multiple):
-    return (value + multiple - 1) // multiple * multiple
-
-
 class RecomputeBackend(Backend):
     """The engine's backend for any causal Keras LM (no KV cache).
 
@@ -308,7 +305,7 @@ class RecomputeBackend(Backend):
         if self.fixed_length is not None:
             return self.fixed_length
         step = max(self.length_bucket, (1 << max(int(length) - 1, 0).bit_length()) // 4)
-        return min(_round_up(length, step), self.max_length)
+        return min(round_up(length, step), self.max_length)
 
     def prefill(self, token_ids, slot, reserve=0):
         ids = np.asarray(token_ids, np.int32).reshape(-1)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_llm.generation import round_up
 from keras_llm.layers import KVCacheContext
 from keras_llm.models import config_from_model, find_layer
 from keras_llm.runtime.backend import Backend, Capabilities, concrete, row_counts
@@ -163,10 +164,6 @@ def _outputs(logits):
     return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
 
 
-def _round_up(value, multiple):
-    return (value + multiple - 1) // multiple * multiple
-
-
 class XLABackend(Backend):
     """The engine's backend over `SlotDecoder` functions.
 
@@ -209,7 +206,7 @@ class XLABackend(Backend):
     def prompt_positions(self, length, reserve=0):
         # Left-padded to the bucket (one compiled prefill per bucket), unless
         # the padding would not leave room: then exactly (one more compile).
-        padded = _round_up(length, self.prompt_bucket)
+        padded = round_up(length, self.prompt_bucket)
         return padded if padded + reserve <= getattr(self, "max_length", padded) else length
 
     def prefill(self, token_ids, slot, reserve=0):
