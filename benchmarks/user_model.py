@@ -12,10 +12,12 @@ in the warm-up, and reported separately). Each model runs on the backend
 own Llama (`keras_llm.llama_map`) and decodes on LiteRT with a KV cache, the
 two GPTs cache in their MultiHeadAttention layers (`runtime.mha_cache`). The
 two GPTs also run on the generic path every causal LM can take (the
-recompute backend: the whole sequence each step, no cache).
+recompute backend: the whole sequence each step, no cache; its forward pass
+on LiteRT, whose conversion is in the first-run column, or on XLA with
+`--xla-generic`).
 
     python -m benchmarks.user_model [--repeats 3] [--new-tokens 32] [--prompt-length 32]
-                                    [--length-bucket N]
+                                    [--length-bucket N] [--xla-generic]
 """
 
 import argparse
@@ -70,7 +72,9 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--length-bucket", type=int, default=None,
-                        help="the recompute backend's length bucket (default: its own, 16)")
+                        help="the XLA recompute backend's length bucket (default: its own, 16)")
+    parser.add_argument("--xla-generic", action="store_true",
+                        help="run the generic path's forward pass with XLA, not LiteRT")
     args = parser.parse_args(argv)
     prompt = np.random.default_rng(0).integers(1, 8000, args.prompt_length).tolist()
     rows = []
@@ -92,7 +96,9 @@ def main(argv=None):
                          completion.token_ids == reference))
             if backend == "recompute" or "llama" in name:
                 continue
-            recompute = lm.recompute_backend()
+            start = time.perf_counter()
+            recompute = lm.recompute_backend(litert=not args.xla_generic)  # converts the forward pass to LiteRT
+            setup = time.perf_counter() - start
             if args.length_bucket:
                 recompute.length_bucket = args.length_bucket
             generic = Engine(recompute, None, EngineConfig(
@@ -101,7 +107,8 @@ def main(argv=None):
             engine, first, [result] = timed(
                 lambda: generic.generate([prompt], params),  # noqa: B023
                 args.repeats)
-            rows.append((name, "recompute (generic)", baseline, engine, first,
+            backend = "recompute (generic, %s)" % ("LiteRT" if recompute.litert else "XLA")
+            rows.append((name, backend, baseline, engine, setup + first,
                          result.token_ids == reference))
     print(f"\n{args.new_tokens} new tokens after a {args.prompt_length}-token prompt, batch 1, "
           f"median of {args.repeats} (CPU, {os.cpu_count()} cores)\n")

@@ -38,15 +38,20 @@ class RecomputeGenerationModule(tf.Module):
         max_new_tokens: default (and upper bound) of new tokens per request.
         tokenizer: keras-llm's in-graph `BytePairTokenizer` for the text
             signatures, or None (ids signatures only).
+        litert: also convert the forward pass to LiteRT (where the model
+            converts): `litert_file` is then the checked file, which the
+            export carries for `keras-llm serve`.
 
     Raises:
         ValueError: `max_new_tokens` does not leave room for a prompt.
     """
 
-    def __init__(self, lm, max_new_tokens=128, tokenizer=None):
+    def __init__(self, lm, max_new_tokens=128, tokenizer=None, litert=True):
         super().__init__(name="keras_llm_recompute_generation")
-        backend = lm.recompute_backend()
+        backend = lm.recompute_backend(litert=litert)
         self.recompute = backend.functions
+        self.litert_file = backend.litert.path if backend.litert is not None else None
+        self.litert_row_counts = list(backend.litert.row_counts) if self.litert_file else []
         self.model = backend.functions.model
         self.tokenizer = tokenizer
         self.context_length = backend.capabilities.max_length

@@ -346,7 +346,9 @@ def _export_version(model, base, model_dir, model_name, version, max_new_tokens,
         if chat:
             raise ExportError("--chat needs the tokenizer in the graph; a user's model exports "
                               "ids signatures (apply the chat template on the client)")
-        litert = None  # the LiteRT converter knows keras-llm's Llama only
+        if litert not in (None, "auto", "float32"):
+            raise ExportError(f"--litert {litert}: a user's model exports its forward pass in "
+                              "float32 only (quantized LiteRT needs keras-llm's Llama)")
     litert_optional = litert == "auto"
     if litert_optional:
         litert = artifacts.precision_of(lm.metadata)  # None for 16-bit models: XLA serves them
@@ -356,7 +358,8 @@ def _export_version(model, base, model_dir, model_name, version, max_new_tokens,
     staging = os.path.join(model_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         if getattr(lm, "generic", False):
-            _save_recompute(lm, staging, model_name, max_new_tokens, warmup)
+            _save_recompute(lm, staging, model_name, max_new_tokens, warmup,
+                            litert=litert is not None)
         else:
             _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warmup,
                         litert, litert_optional, litert_batch_sizes, litert_max_length,
@@ -372,8 +375,10 @@ def _export_version(model, base, model_dir, model_name, version, max_new_tokens,
     return target
 
 
-def _save_recompute(lm, staging, model_name, max_new_tokens, warmup):
-    """Write the SavedModel of a user's causal LM (see `export.recompute`)."""
+def _save_recompute(lm, staging, model_name, max_new_tokens, warmup, litert=True):
+    """Write the SavedModel of a user's causal LM (see `export.recompute`),
+    with its forward pass's LiteRT file (`litert`, where the model converts)
+    as `assets.extra/litert/recompute.tflite` for `keras-llm serve`."""
     from keras_llm.export.recompute import RecomputeGenerationModule  # pylint: disable=import-outside-toplevel
     from keras_llm.runtime import user_tokenizer  # pylint: disable=import-outside-toplevel
 
@@ -383,7 +388,8 @@ def _save_recompute(lm, staging, model_name, max_new_tokens, warmup):
         from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
         in_graph = BytePairTokenizer.from_config_file(path)
     try:
-        module = RecomputeGenerationModule(lm, max_new_tokens=max_new_tokens, tokenizer=in_graph)
+        module = RecomputeGenerationModule(lm, max_new_tokens=max_new_tokens, tokenizer=in_graph,
+                                           litert=litert)
     except ValueError as error:
         raise ExportError(str(error)) from None
     signatures = {name: getattr(module, name).get_concrete_function()
@@ -411,6 +417,12 @@ def _save_recompute(lm, staging, model_name, max_new_tokens, warmup):
     }
     if tokenizer_json is None:
         LOG.info("the export has no tokenizer (ids only)")
+    if module.litert_file:
+        name = os.path.join(os.path.dirname(artifacts.EXPORT_LITERT), "recompute.tflite")
+        os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+        shutil.copyfile(module.litert_file, os.path.join(staging, name))
+        metadata["litert"] = {"file": name, "files": [name], "precision": "float32",
+                              "row_counts": module.litert_row_counts}
     assets = os.path.join(staging, "assets")
     os.makedirs(assets, exist_ok=True)
     with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:

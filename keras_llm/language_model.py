@@ -11,7 +11,9 @@ it (export, optimize, the XLA backend, a first conversion).
 import dataclasses
 import logging
 import os
+import shutil
 import time
+import weakref
 
 from keras_llm import presets
 from keras_llm.runtime import artifacts
@@ -229,15 +231,45 @@ class LanguageModel:
                  "(cached steps checked against its own logits)", self.model.name)
         return backend
 
-    def recompute_backend(self):
+    def recompute_backend(self, litert=True):
         """The recompute backend over this (user's) model, the engine's own
-        when it runs on one: the forward pass its export carries."""
+        when it runs on one: the forward pass its export carries, run on
+        LiteRT when it converts (with `litert`, and not with
+        `backend="xla"`)."""
         from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
         backend = getattr(self._engine, "backend", None)
         if isinstance(backend, RecomputeBackend):
             return backend
-        return RecomputeBackend.from_model(self.model, max_length=self.max_positions,
-                                           max_slots=self.max_slots)
+        backend = RecomputeBackend.from_model(self.model, max_length=self.max_positions,
+                                              max_slots=self.max_slots)
+        if litert and self.backend_name != "xla":
+            backend.use_litert(self._recompute_litert(backend))
+        return backend
+
+    def _recompute_litert(self, backend):
+        """A checked `LiteRTRecompute` of `backend`'s forward pass, or None
+        (logged) where the model does not convert or is not float32."""
+        from keras_llm.runtime import recompute  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.backend import row_counts  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.litert import LiteRTRecompute  # pylint: disable=import-outside-toplevel
+        caps = backend.capabilities
+        try:
+            if caps.dtype != "float32":
+                raise ValueError(f"its compute dtype is {caps.dtype}; LiteRT runs float32 here")
+            path = artifacts.recompute_litert(self.source, backend.functions,
+                                              row_counts(caps.max_slots), progress=self.progress)
+            litert = LiteRTRecompute(path, num_threads=self.num_threads)
+            if self.source is None:  # a temporary file: gone with the runtime
+                weakref.finalize(litert, shutil.rmtree, os.path.dirname(path), True)
+            return recompute.check_litert(backend.functions, litert, caps.max_length,
+                                          caps.vocabulary_size, backend.fixed_length)
+        except Exception as error:  # pylint: disable=broad-except
+            if self.backend_name == "litert":
+                raise
+            LOG.warning("model %r runs its forward pass with XLA: LiteRT cannot take it (%s)",
+                        self.model.name, str(error).strip().splitlines()[0] if str(error).strip()
+                        else type(error).__name__)
+            return None
 
     def _cached_backend(self, model=None):
         """LiteRT (converted once, kept beside the source) or XLA over a

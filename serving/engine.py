@@ -136,15 +136,22 @@ class ExportedModel:
                              num_threads=self.config.num_threads or None)
 
     def _backend(self, model):
+        files = artifacts.export_litert_files(self.export_dir, self.metadata)
+        choice = self.config.backend
         if self.metadata.get("backend") == "recompute":  # a user's model: its own forward pass
             from keras_llm.runtime.recompute import RecomputeBackend  # pylint: disable=import-outside-toplevel
+            litert = None
+            if choice == "litert" and not files:
+                raise ValueError(f"{self.export_dir} has no LiteRT file (its model did not "
+                                 "convert, or it was exported with --no-litert)")
+            if choice != "saved_model" and files:
+                from keras_llm.runtime.litert import LiteRTRecompute  # pylint: disable=import-outside-toplevel
+                litert = LiteRTRecompute(files[0], num_threads=self.config.num_threads or None)
             return RecomputeBackend(self.module.recompute, model["vocabulary_size"],
                                     self.context_length, max_slots=self.config.max_slots,
                                     length_bucket=model["length_bucket"],
                                     fixed_length=model.get("fixed_length"),
-                                    dtype=self.metadata.get("dtype") or "float32")
-        files = artifacts.export_litert_files(self.export_dir, self.metadata)
-        choice = self.config.backend
+                                    dtype=self.metadata.get("dtype") or "float32", litert=litert)
         if choice == "litert" and not files:
             raise ValueError(f"{self.export_dir} has no LiteRT file (it was exported with "
                              "--no-litert)")

@@ -2,7 +2,9 @@
 export and the server, with exactly the tokens of the user's own
 `model.predict` greedy loop (models in `tests/user_layers.py`)."""
 
+import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 import keras_llm
 from keras_llm import cli
 from keras_llm.export.saved_model import export_model
-from keras_llm.runtime.engine import InvalidRequest
+from keras_llm.runtime.engine import Engine, EngineConfig as RuntimeConfig, InvalidRequest
 from keras_llm.runtime.recompute import RecomputeBackend
 from keras_llm.serving.engine import EngineConfig
 from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
@@ -184,6 +186,9 @@ def test_export_score_and_metadata(files, exports):
         metadata = json.load(handle)
     assert metadata["backend"] == "recompute" and metadata["signatures"] == ["generate_ids",
                                                                               "score"]
+    # The forward pass's LiteRT file, which keras-llm serve runs.
+    assert metadata["litert"]["files"] == ["assets.extra/litert/recompute.tflite"]
+    assert os.path.isfile(os.path.join(paths["small_llama"], metadata["litert"]["file"]))
 
 
 def test_failed_export_leaves_nothing(files, tmp_path):
@@ -230,6 +235,8 @@ def test_serve_answers_generate_and_predict_with_ids(files, exports):
                 predict.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             response = prediction.Predict(predict, timeout=DEADLINE)
             assert tf.make_ndarray(response.outputs["token_ids"])[0].tolist() == reference
+            litert = server.servables.lookup(name).engine.engine.backend.litert
+            assert litert is not None and litert.calls >= 3 * NEW  # every forward pass
     finally:
         channel.close()
         server.drain(0)
@@ -280,3 +287,73 @@ def test_adapter_streams_multi_byte_characters_whole():
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert adapter.vocabulary_size == 256 and adapter.stop_ids == []
+
+
+def _generate(backend, prompts):
+    engine = Engine(backend, None, RuntimeConfig(max_slots=4,
+                                                 max_length=backend.capabilities.max_length))
+    return [r.token_ids for r in engine.generate(
+        prompts, keras_llm.runtime.params.SamplingParams(max_new_tokens=NEW))]
+
+
+@pytest.mark.parametrize("name", ["mini_gpt", "builtin_gpt"])
+def test_generic_path_runs_on_litert_with_the_predict_loop_tokens(files, name):
+    """The recompute path (what a model with no KV-cache path decodes with)
+    runs its forward pass on LiteRT, converted once per model file, and
+    gives the predict loop's tokens, alone and in a ragged batch; with
+    backend="xla" it runs the TensorFlow function, with the same tokens."""
+    entry, prompt = files["models"][name], files["prompt"]
+    backend = keras_llm.load(entry["path"]).recompute_backend()
+    assert backend.litert is not None and backend.litert.row_counts == (1, 2, 4, 8, 16)
+    checked = backend.litert.calls  # the check against the TensorFlow function
+    assert _generate(backend, [prompt]) == [entry["reference"]]
+    assert backend.litert.calls - checked == NEW  # the prompt, then NEW - 1 steps: all LiteRT
+    other = [7, 3, 9]
+    [alone] = _generate(backend, [other])
+    assert _generate(backend, [prompt, other]) == [entry["reference"], alone]
+    built = os.path.getmtime(backend.litert.path)
+    again = keras_llm.load(entry["path"]).recompute_backend()
+    assert again.litert.path == backend.litert.path  # the file kept beside the model's artifacts
+    assert os.path.getmtime(again.litert.path) == built
+    xla = keras_llm.load(entry["path"], backend="xla").recompute_backend()
+    assert xla.litert is None
+    assert _generate(xla, [prompt, other]) == [entry["reference"], alone]
+
+
+def test_a_model_in_memory_converts_to_a_temporary_file_gone_with_it(files):
+    model = keras_llm.load_model(files["models"]["builtin_gpt"]["path"])
+    backend = keras_llm.LanguageModel(model).recompute_backend()
+    path = backend.litert.path
+    assert os.path.isfile(path)
+    assert _generate(backend, [files["prompt"]]) == [files["models"]["builtin_gpt"]["reference"]]
+    del backend
+    gc.collect()
+    assert not os.path.exists(os.path.dirname(path))
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class NumpyIdentity(keras.layers.Layer):
+    """Its input, through numpy: TensorFlow runs it; neither XLA nor LiteRT's
+    converter can."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda a: a, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def test_a_model_litert_cannot_convert_recomputes_with_tensorflow(caplog):
+    keras.utils.set_random_seed(0)
+    inputs = keras.layers.Input(shape=(None,), dtype="int32")
+    x = NumpyIdentity()(keras.layers.Embedding(VOCAB, 16)(inputs))
+    x = keras.layers.Conv1D(16, 3, padding="causal", activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(VOCAB)(x))
+    lm = keras_llm.LanguageModel(model, max_positions=64)
+    with caplog.at_level(logging.WARNING, logger="keras_llm"):
+        [completion] = lm.generate_ids([[5, 1, 9]], max_new_tokens=6)
+    backend = lm.engine.backend
+    assert backend.capabilities.name == "recompute" and backend.litert is None
+    assert "LiteRT cannot take it" in caplog.text
+    assert completion.token_ids == user_layers.greedy_predict(model, [5, 1, 9], 6)
+    with pytest.raises(Exception):  # noqa: B017  (the converter's own error)
+        keras_llm.LanguageModel(model, max_positions=64, backend="litert").recompute_backend()

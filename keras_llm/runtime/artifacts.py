@@ -26,6 +26,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -182,15 +183,63 @@ def build_litert(source, model, tokenizer, precision, options=None, progress=Tru
             calibration_ids=(litert.calibration_ids(tokenizer)
                              if tokenizer is not None and precision in QUANTIZED_LITERT else None),
             progress=report)]
-    handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(path))
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump({"key": key, "files": [os.path.basename(p) for p in paths],
-                   "build_s": round(time.perf_counter() - start, 1)}, out, indent=2)
-    os.replace(staging, manifest)
+    _write_manifest(manifest, key, paths, start)
     if progress:
         print(f"keras-llm: LiteRT files ready in {time.perf_counter() - start:.0f}s",
               file=sys.stderr, flush=True)
     return paths
+
+
+def _write_manifest(manifest, key, paths, start):
+    """Write the manifest that makes `paths` valid (atomically, last)."""
+    handle, staging = tempfile.mkstemp(suffix=".json.partial", dir=os.path.dirname(manifest))
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump({"key": key, "files": [os.path.basename(p) for p in paths],
+                   "build_s": round(time.perf_counter() - start, 1)}, out, indent=2)
+    os.replace(staging, manifest)
+
+
+RECOMPUTE = "recompute"  # the name of a user's model's forward-pass LiteRT file
+
+
+def recompute_litert(source, functions, row_counts, progress=True):
+    """The LiteRT file of a user's causal LM's forward pass (see
+    `keras_llm.litert.convert_recompute`) for `row_counts`: converted once
+    and kept with `source`'s artifacts (`recompute.tflite`, with a
+    manifest like `build_litert`'s), or, for a model with no `source`, in a
+    new temporary directory (the caller's to remove). Returns the path."""
+    from keras_llm import litert  # pylint: disable=import-outside-toplevel  (TensorFlow)
+    options = {"row_counts": sorted(int(n) for n in row_counts),
+               "any_length": bool(functions.any_length)}
+    if source is None:
+        directory = tempfile.mkdtemp(prefix="keras_llm_recompute_")
+        path, manifest, key = os.path.join(directory, f"{RECOMPUTE}.tflite"), None, None
+    else:
+        path, manifest = litert_paths(source, RECOMPUTE)
+        key = litert_key(source, RECOMPUTE, options)
+        cached = cached_litert(source, RECOMPUTE, options)
+        if cached:
+            return cached[0]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(manifest):
+            os.remove(manifest)
+    start = time.perf_counter()
+    if progress:
+        print("keras-llm: converting the model's forward pass to LiteRT for fast decoding"
+              + (f" (once; kept in {os.path.dirname(path)})" if source is not None else "")
+              + "...", file=sys.stderr, flush=True)
+    try:
+        litert.convert_recompute(functions, path, options["row_counts"])
+    except BaseException:
+        if source is None:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        raise
+    if manifest is not None:
+        _write_manifest(manifest, key, [path], start)
+    if progress:
+        print(f"keras-llm: LiteRT file ready in {time.perf_counter() - start:.0f}s",
+              file=sys.stderr, flush=True)
+    return path
 
 
 def model_context(model):

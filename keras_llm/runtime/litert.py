@@ -218,8 +218,8 @@ def _host_view(buffer):
 
 class _Signature:
     """One signature of a compiled file, with persistent numpy views of its
-    input and output buffers (allocated on first use, never resized): they
-    are how the cache is written in place."""
+    input and output buffers (allocated on first use; a decode step's are
+    never resized): they are how the cache is written in place."""
 
     def __init__(self, model, key):
         self._model = model
@@ -227,8 +227,9 @@ class _Signature:
         self.index = model.get_signature_index(key)
         self._inputs = model.get_input_tensor_details(key)
         self._outputs = model.get_output_tensor_details(key)
-        self.batch_size = self.shape("tokens")[0]
-        self.length = self.shape("k_0")[2]  # cache positions
+        # A decode step's rows and cache positions (a recompute signature has neither).
+        self.batch_size = self.shape("tokens")[0] if "tokens" in self._inputs else None
+        self.length = self.shape("k_0")[2] if "k_0" in self._inputs else None
         self.views = {}
         self.cache_pairs = []  # (cache, the step's new keys/values) views, once bound
         self._buffers = None
@@ -250,6 +251,15 @@ class _Signature:
     @property
     def allocated(self):
         return self._buffers is not None
+
+    def resize(self, name, shape):
+        """Give input `name` (a dynamic one) a new shape; the buffers are
+        allocated again (zeroed) for it."""
+        self._model.resize_input_tensor(list(self._inputs).index(name), list(shape), self.index)
+        self._inputs = self._model.get_input_tensor_details(self.key)
+        self._outputs = self._model.get_output_tensor_details(self.key)
+        self.views, self._buffers = {}, None
+        self.bind()
 
     @property
     def output_names(self):
@@ -558,3 +568,55 @@ class LiteRTBackend(Backend):
     def close(self):
         self.active = None
         self.runner = None
+
+
+class LiteRTRecompute:
+    """Runs what `keras_llm.litert.convert_recompute` wrote: a causal LM's
+    whole forward pass (no cache) at each row's last position, with the
+    interface of `recompute.RecomputeFunctions` on numpy arrays.
+
+    The file has one signature per row count (`rows_{n}`) whose time
+    dimension is dynamic: it is resized when a call's length bucket differs
+    from the last one's (the buffers are allocated again; XNNPACK's packed
+    weights stay), so each signature holds buffers for one length at a time.
+
+    Args:
+        path: the `.tflite` file.
+        num_threads: XNNPACK threads (default: every CPU core).
+
+    Attributes:
+        row_counts: the row counts the file has a signature for.
+        calls: forward passes run so far.
+    """
+
+    def __init__(self, path, num_threads=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no LiteRT file at {path}")
+        self.path = os.fspath(path)
+        self._model = _compile(path, num_threads or os.cpu_count())
+        self._signatures = {int(key[len("rows_"):]): _Signature(self._model, key)
+                            for key in self._model.get_signature_list()
+                            if key.startswith("rows_")}
+        if not self._signatures:
+            raise ValueError(f"{path} was not written by keras_llm.litert.convert_recompute")
+        self.row_counts = tuple(sorted(self._signatures))
+        self.calls = 0
+
+    def __call__(self, token_ids, last):
+        """`(greedy (n,) int32, logits (n, V) float32)` at position `last[b]`
+        of each row of `token_ids (n, T)` (`n` one of `row_counts`); the
+        arrays are the caller's (copies)."""
+        token_ids = np.asarray(token_ids, np.int32)
+        rows, width = token_ids.shape
+        signature = self._signatures.get(rows)
+        if signature is None:
+            raise ValueError(f"{self.path} has no signature for {rows} rows "
+                             f"(it has {list(self.row_counts)})")
+        if not signature.allocated or signature.shape("token_ids")[1] != width:
+            signature.resize("token_ids", (rows, width))
+        views = signature.views
+        views["token_ids"][...] = token_ids
+        views["last"][...] = last
+        signature.run()
+        self.calls += 1
+        return views["greedy"].copy(), views["logits"].copy()
