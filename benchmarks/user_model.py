@@ -10,13 +10,15 @@ one warm-up run each (the engine's XLA compilation or LiteRT conversion is
 in the warm-up, and reported separately). Each model runs on the backend
 `keras_llm.load` picks for it: the hand-written Llama maps onto keras-llm's
 own Llama (`keras_llm.llama_map`) and decodes on LiteRT with a KV cache, the
-two GPTs cache in their MultiHeadAttention layers (`runtime.mha_cache`). The
+two GPTs are converted to LiteRT with the cache in their MultiHeadAttention
+layers (`runtime.mha_cache`; conversion in the first-run column). The
 two GPTs also run on the generic path every causal LM can take (the
 recompute backend: the whole sequence each step, no cache; its forward pass
 on LiteRT, whose conversion is in the first-run column, or on XLA with
 `--xla-generic`).
 
     python -m benchmarks.user_model [--repeats 3] [--new-tokens 32] [--prompt-length 32]
+                                    [--size large|small]
                                     [--length-bucket N] [--xla-generic]
 """
 
@@ -43,13 +45,22 @@ from tests import user_layers  # noqa: E402
 CONFIG = dict(vocab_size=8000, maxlen=512, embed_dim=256, num_heads=4, ff_dim=1024, num_layers=4)
 LLAMA = dict(vocab_size=8000, hidden=256, num_layers=4, num_heads=4, num_kv_heads=2,
              intermediate=768)
+# `--size small`: the tests' own models (user_layers' defaults: hidden 32,
+# 2 layers, vocabulary 128, context 64), the size the issue's users tried.
+SIZES = {"large": (CONFIG, LLAMA), "small": ({}, {})}
 
 
-def models():
-    """`(name, model, fixed input length of the user's loop)` for the three models."""
-    yield "mini_gpt (custom layers, fixed 512 input)", user_layers.mini_gpt(**CONFIG), 512
-    yield "builtin_gpt (built-in layers)", user_layers.builtin_gpt(**CONFIG), None
-    yield "small_llama (RMSNorm, rotary, GQA)", user_layers.small_llama(**LLAMA), None
+def models(size="large"):
+    """`(name, model, fixed input length of the user's loop, vocabulary)` for
+    the three models."""
+    gpt, llama = SIZES[size]
+    vocabulary = gpt.get("vocab_size", 128)
+    fixed = gpt.get("maxlen", 64)
+    yield (f"mini_gpt (custom layers, fixed {fixed} input)", user_layers.mini_gpt(**gpt), fixed,
+           vocabulary)
+    yield "builtin_gpt (built-in layers)", user_layers.builtin_gpt(**gpt), None, vocabulary
+    yield ("small_llama (RMSNorm, rotary, GQA)", user_layers.small_llama(**llama), None,
+           vocabulary)
 
 
 def timed(function, repeats):
@@ -75,12 +86,15 @@ def main(argv=None):
                         help="the XLA recompute backend's length bucket (default: its own, 16)")
     parser.add_argument("--xla-generic", action="store_true",
                         help="run the generic path's forward pass with XLA, not LiteRT")
+    parser.add_argument("--size", choices=sorted(SIZES), default="large",
+                        help="the models' size (large: hidden 256, 4 layers, vocabulary 8000, "
+                             "context 512; small: the tests' models)")
     args = parser.parse_args(argv)
-    prompt = np.random.default_rng(0).integers(1, 8000, args.prompt_length).tolist()
     rows = []
     with tempfile.TemporaryDirectory(prefix="keras_llm_bench_") as tmp:
         os.environ["KERAS_LLM_HOME"] = tmp  # the throwaway models' LiteRT files
-        for name, model, pad_to in models():
+        for name, model, pad_to, vocabulary in models(args.size):
+            prompt = np.random.default_rng(0).integers(1, vocabulary, args.prompt_length).tolist()
             path = os.path.join(tmp, "model.keras")
             model.save(path)
             user = keras_llm.load_model(path)
@@ -92,6 +106,8 @@ def main(argv=None):
                 lambda: lm.generate_ids([prompt], max_new_tokens=args.new_tokens)[0],  # noqa: B023
                 args.repeats)
             backend = lm.engine.backend.capabilities.name
+            if backend == "litert":  # which file: a Llama's, or a model's own with its cache
+                backend += f" ({os.path.basename(lm.engine.backend.runner.path)[:-7]})"
             rows.append((name, backend, baseline, engine, first,
                          completion.token_ids == reference))
             if backend == "recompute" or "llama" in name:

@@ -222,14 +222,38 @@ class LanguageModel:
         from keras_llm.runtime.mha_cache import MHACacheBackend  # pylint: disable=import-outside-toplevel
         try:
             backend = MHACacheBackend.from_model(self.model, max_length=self.max_positions,
-                                                 max_slots=self.max_slots)
+                                                 max_slots=self.max_slots, check=False)
+            litert = self._mha_litert(backend) if self.backend_name != "xla" else None
+            if litert is None:
+                backend.check(min(24, backend.capabilities.max_length))
         except ValueError as error:
             LOG.info("model %r has no KV-cache path (%s): recomputing the whole sequence "
                      "each step", self.model.name, error)
             return self.recompute_backend()
-        LOG.info("model %r decodes with a KV cache in its MultiHeadAttention layers "
-                 "(cached steps checked against its own logits)", self.model.name)
-        return backend
+        LOG.info("model %r decodes with a KV cache in its MultiHeadAttention layers on %s "
+                 "(cached steps checked against its own logits)", self.model.name,
+                 "LiteRT" if litert is not None else "XLA")
+        return litert or backend
+
+    def _mha_litert(self, backend):
+        """A `LiteRTBackend` over this `MultiHeadAttention` model converted
+        with its KV cache (`mha_cache.convert_litert`, once per model file)
+        and checked like `backend`, or None (logged) where it does not
+        convert or is not float32."""
+        from keras_llm.runtime import mha_cache  # pylint: disable=import-outside-toplevel
+        from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+        caps = backend.capabilities
+        length = caps.max_length
+        options = {"max_length": length,
+                   "batch_sizes": [b for b in (1, 4, 16) if b < caps.max_slots] + [caps.max_slots],
+                   "lengths": [n for n in (256,) if n < length],
+                   "prefill_length": min(64, length)}
+        return self._user_litert(
+            artifacts.MHA_CACHE, options, caps.dtype,
+            lambda path: mha_cache.convert_litert(self.model, path, **options),
+            lambda path: LiteRTBackend(path, num_threads=self.num_threads),
+            lambda litert: mha_cache.check_cache(litert, self.model, min(24, length),
+                                                 backend.any_length))
 
     def recompute_backend(self, litert=True):
         """The recompute backend over this (user's) model, the engine's own
@@ -249,26 +273,44 @@ class LanguageModel:
     def _recompute_litert(self, backend):
         """A checked `LiteRTRecompute` of `backend`'s forward pass, or None
         (logged) where the model does not convert or is not float32."""
+        from keras_llm import litert as converter  # pylint: disable=import-outside-toplevel
         from keras_llm.runtime import recompute  # pylint: disable=import-outside-toplevel
         from keras_llm.runtime.backend import row_counts  # pylint: disable=import-outside-toplevel
         from keras_llm.runtime.litert import LiteRTRecompute  # pylint: disable=import-outside-toplevel
-        caps = backend.capabilities
+        caps, functions = backend.capabilities, backend.functions
+        options = {"row_counts": list(row_counts(caps.max_slots)),
+                   "any_length": bool(functions.any_length)}
+        return self._user_litert(
+            artifacts.RECOMPUTE, options, caps.dtype,
+            lambda path: converter.convert_recompute(functions, path, options["row_counts"]),
+            lambda path: LiteRTRecompute(path, num_threads=self.num_threads),
+            lambda litert: recompute.check_litert(functions, litert, caps.max_length,
+                                                  caps.vocabulary_size, backend.fixed_length))
+
+    def _user_litert(self, name, options, dtype, convert, open_file, check):
+        """`open_file(path)` of this user's model's LiteRT file `name`
+        (`convert(path)` writes it, once per model file: see
+        `artifacts.user_litert`) once `check(runtime)` passes; None (logged)
+        where the model does not convert, is not float32 or fails the check,
+        or raise that error with `backend="litert"`."""
         try:
-            if caps.dtype != "float32":
-                raise ValueError(f"its compute dtype is {caps.dtype}; LiteRT runs float32 here")
-            path = artifacts.recompute_litert(self.source, backend.functions,
-                                              row_counts(caps.max_slots), progress=self.progress)
-            litert = LiteRTRecompute(path, num_threads=self.num_threads)
+            if dtype != "float32":
+                raise ValueError(f"its compute dtype is {dtype}; LiteRT runs float32 here")
+            path = artifacts.user_litert(self.source, name, options, convert,
+                                         progress=self.progress)
+            runtime = open_file(path)
             if self.source is None:  # a temporary file: gone with the runtime
-                weakref.finalize(litert, shutil.rmtree, os.path.dirname(path), True)
-            return recompute.check_litert(backend.functions, litert, caps.max_length,
-                                          caps.vocabulary_size, backend.fixed_length)
+                weakref.finalize(runtime, shutil.rmtree, os.path.dirname(path), True)
+            check(runtime)
+            if callable(getattr(runtime, "release", None)):
+                runtime.release()  # the check's slots
+            return runtime
         except Exception as error:  # pylint: disable=broad-except
             if self.backend_name == "litert":
                 raise
-            LOG.warning("model %r runs its forward pass with XLA: LiteRT cannot take it (%s)",
-                        self.model.name, str(error).strip().splitlines()[0] if str(error).strip()
-                        else type(error).__name__)
+            LOG.warning("model %r: no LiteRT %s file, TensorFlow runs it instead (%s)",
+                        self.model.name, name, str(error).strip().splitlines()[0]
+                        if str(error).strip() else type(error).__name__)
             return None
 
     def _cached_backend(self, model=None):

@@ -253,9 +253,15 @@ def _smooth_arrays(model, arrays, factors):
 
 
 def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), verify_length=0,
-                    weights=None):
+                    weights=None, config=None, forward=None):
     """The tf.functions that become the .tflite signatures, by name, and the
     object the converter saves them with.
+
+    `config` (default: the keras-llm model's) gives `num_layers`,
+    `num_key_value_heads` and `head_dim` of the caches; `forward(tokens,
+    context)` (default: `model(tokens)` with the `ExternalCacheContext`
+    active) runs the model over them (`runtime.mha_cache` passes its own
+    for a user's `MultiHeadAttention` model).
 
     With `weights` (from `_weight_inputs`) every function takes the model's
     weights as inputs `w_{j}` after the caches and the object tracks
@@ -264,14 +270,15 @@ def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), 
     intermediate SavedModel, and tracked tf.functions are traced again for
     it; together half of such a conversion's time).
     """
-    c = config_from_model(model)
+    c = config_from_model(model) if config is None else config
     holder = tf.Module(name="litert_steps")
     if weights is None:
         holder.weights = list(model.weights)
     functions = {}
 
     def add(name, batch, length, cache_length):
-        functions[name] = _step_function(model, c, batch, length, cache_length, name, weights)
+        functions[name] = _step_function(model, c, batch, length, cache_length, name, weights,
+                                         forward)
 
     for batch in batch_sizes:
         for cache_length in (*lengths, max_length):
@@ -334,7 +341,7 @@ def _weight_arrays(model, weights):
     return arrays, names
 
 
-def _step_function(model, c, batch, length, max_length, name, weights=None):
+def _step_function(model, c, batch, length, max_length, name, weights=None, forward=None):
     last_position_only = not name.startswith(("prefill", "verify"))
     cache = tf.TensorSpec([batch, c.num_key_value_heads, max_length, c.head_dim], tf.float32)
     specs = [tf.TensorSpec([batch, length], tf.int32, name="tokens"),
@@ -355,8 +362,12 @@ def _step_function(model, c, batch, length, max_length, name, weights=None):
         context = ExternalCacheContext(pairs, index, key_start, last_position_only)
         replaced = (_weights_replaced(weights, inputs[past_end - 3:]) if weights
                     else contextlib.nullcontext())
-        with context.active(), replaced:
-            logits = model(tokens, training=False)
+        with replaced:
+            if forward is not None:
+                logits = forward(tokens, context)
+            else:
+                with context.active():
+                    logits = model(tokens, training=False)
         logits = logits[:, -1, :] if last_position_only else logits
         outputs = {"logits": logits, "greedy": tf.argmax(logits, axis=-1, output_type=tf.int32)}
         for i, (keys, values) in enumerate(context.new):
@@ -495,6 +506,32 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         _write(target, data)
         done(0.3 / len(paths))
     return paths
+
+
+def convert_cached(model, path, config, forward, max_length, batch_sizes=(1, 4, 16),
+                   prefill_length=64, lengths=(), verify_length=0):
+    """Convert a user's causal LM whose attention reads an
+    `ExternalCacheContext` (see `runtime.mha_cache.convert_litert`) to a
+    LiteRT file at `path` (written atomically) with the signatures, inputs
+    and outputs of `convert`'s, which `runtime.litert.LiteRTBackend` runs.
+    The weights are the graph's constants (float32).
+
+    Args:
+        config: `num_layers`, `num_key_value_heads` (the attention's heads)
+            and `head_dim` (its key and value size) of the caches.
+        forward: `forward(tokens, context) -> logits (B, T, V)`, the model
+            run with its attention over `context`.
+        max_length, batch_sizes, prefill_length, lengths, verify_length: as
+            for `convert`.
+    """
+    holder, steps = _step_functions(model, max_length, sorted({int(b) for b in batch_sizes}),
+                                    prefill_length, sorted({int(n) for n in lengths}),
+                                    verify_length, config=config, forward=forward)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [f.get_concrete_function() for f in steps.values()], holder)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    _write(path, converter.convert())
+    return path
 
 
 def convert_recompute(functions, path, row_counts):

@@ -11,7 +11,8 @@ import tf_keras as keras
 from tf_keras import layers
 
 from keras_llm.runtime.engine import Engine, EngineConfig
-from keras_llm.runtime.mha_cache import MHACacheBackend
+from keras_llm.runtime.litert import LiteRTBackend
+from keras_llm.runtime.mha_cache import MHACacheBackend, check_cache, convert_litert, fixed_length
 from keras_llm.runtime.params import SamplingParams
 from keras_llm.runtime.recompute import RecomputeBackend
 from tests import user_layers
@@ -48,6 +49,39 @@ def test_greedy_equals_the_predict_loop(model):
         [prompt], SamplingParams(max_new_tokens=30, ignore_eos=True))
     fixed = model.inputs[0].shape[1]  # keras.io's loop pads to the model's input length
     assert completion.token_ids == user_layers.greedy_predict(model, prompt, 30, fixed)
+
+
+@pytest.fixture(scope="module")
+def litert_backend(model, tmp_path_factory):
+    """The model converted with its KV cache for LiteRT (a 16-token prefill,
+    so a 20-token prompt takes two chunks)."""
+    path = str(tmp_path_factory.mktemp("mha_litert") / "model.tflite")
+    convert_litert(model, path, max_length=64, batch_sizes=(1, 4), prefill_length=16)
+    return LiteRTBackend(path)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_the_litert_file_gives_the_recompute_tokens(model, litert_backend, temperature):
+    """The converted model on keras-llm's own LiteRT backend (the cache in
+    its buffers): every row of a ragged batch gets the recompute backend's
+    tokens."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, 128, size=n).tolist() for n in (3, 11, 6, 20, 1)]
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=5, ignore_eos=True)
+    cached = _engine(litert_backend).generate(prompts, params)
+    alone = _engine(RecomputeBackend.from_model(model, max_slots=4)).generate(prompts, params)
+    assert [c.token_ids for c in cached] == [a.token_ids for a in alone]
+
+
+def test_the_litert_file_passes_the_cache_check(model, litert_backend):
+    check_cache(litert_backend, model, 24, fixed_length(model) is not None)
+    litert_backend.release()
+
+
+def test_conversion_refuses_what_the_cache_refuses(tmp_path):
+    with pytest.raises(ValueError, match="called more than once"):
+        convert_litert(_shared_attention_gpt(), str(tmp_path / "shared.tflite"), max_length=64)
+    assert not (tmp_path / "shared.tflite").exists()
 
 
 def test_the_user_layers_are_left_as_they_were(model):

@@ -37,11 +37,12 @@ MODELS = {  # name: (builder, seed, fixed input length of the reference loop)
     "builtin_gpt": (user_layers.builtin_gpt, 2, None),
     "small_llama": (user_layers.small_llama, 3, None),
 }
-# The backend each decodes on: the hand-written Llama maps onto build_llama
-# (keras_llm.llama_map) and gets the KV-cache LiteRT path; both GPTs cache in
-# their MultiHeadAttention layers (runtime.mha_cache), keras.io's inside its
-# own TransformerBlock.
-BACKENDS = {"mini_gpt": "mha-cache", "builtin_gpt": "mha-cache", "small_llama": "litert"}
+# The LiteRT file each decodes with, a KV cache in each: the hand-written
+# Llama maps onto build_llama (keras_llm.llama_map); both GPTs are converted
+# with the cache in their MultiHeadAttention layers (runtime.mha_cache),
+# keras.io's inside its own TransformerBlock.
+FILES = {"mini_gpt": "mha_cache.tflite", "builtin_gpt": "mha_cache.tflite",
+         "small_llama": "float32.tflite"}
 DEADLINE = 120
 
 
@@ -103,7 +104,8 @@ def test_language_model_gives_the_predict_loop_tokens(files, name):
     assert lm.host_tokenizer is None and lm.generic
     [completion] = lm.generate_ids([files["prompt"]], max_new_tokens=NEW)
     assert completion.token_ids == entry["reference"]
-    assert lm.engine.backend.capabilities.name == BACKENDS[name]
+    assert lm.engine.backend.capabilities.name == "litert"
+    assert os.path.basename(lm.engine.backend.runner.path) == FILES[name]
     streamed = [ids for item in lm.stream(files["prompt"], max_new_tokens=NEW)
                 if isinstance(item, tuple) for ids in item[1]]
     assert streamed == entry["reference"]
@@ -353,7 +355,7 @@ def test_a_model_litert_cannot_convert_recomputes_with_tensorflow(caplog):
         [completion] = lm.generate_ids([[5, 1, 9]], max_new_tokens=6)
     backend = lm.engine.backend
     assert backend.capabilities.name == "recompute" and backend.litert is None
-    assert "LiteRT cannot take it" in caplog.text
+    assert "no LiteRT recompute file" in caplog.text
     assert completion.token_ids == user_layers.greedy_predict(model, [5, 1, 9], 6)
     with pytest.raises(Exception):  # noqa: B017  (the converter's own error)
         keras_llm.LanguageModel(model, max_positions=64, backend="litert").recompute_backend()

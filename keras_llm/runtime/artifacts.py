@@ -199,25 +199,23 @@ def _write_manifest(manifest, key, paths, start):
     os.replace(staging, manifest)
 
 
-RECOMPUTE = "recompute"  # the name of a user's model's forward-pass LiteRT file
+RECOMPUTE = "recompute"  # a user's model's forward pass (no cache)
+MHA_CACHE = "mha_cache"  # a user's MultiHeadAttention model, with a KV cache
 
 
-def recompute_litert(source, functions, row_counts, progress=True):
-    """The LiteRT file of a user's causal LM's forward pass (see
-    `keras_llm.litert.convert_recompute`) for `row_counts`: converted once
-    and kept with `source`'s artifacts (`recompute.tflite`, with a
-    manifest like `build_litert`'s), or, for a model with no `source`, in a
-    new temporary directory (the caller's to remove). Returns the path."""
-    from keras_llm import litert  # pylint: disable=import-outside-toplevel  (TensorFlow)
-    options = {"row_counts": sorted(int(n) for n in row_counts),
-               "any_length": bool(functions.any_length)}
+def user_litert(source, name, options, convert, progress=True):
+    """A LiteRT file of a user's model (`name`: `RECOMPUTE` or `MHA_CACHE`):
+    converted once by `convert(path)` and kept with `source`'s artifacts
+    (`<name>.tflite`, with a manifest keyed like `build_litert`'s on the
+    weights file and `options`), or, for a model with no `source`, in a new
+    temporary directory (the caller's to remove). Returns the path."""
     if source is None:
-        directory = tempfile.mkdtemp(prefix="keras_llm_recompute_")
-        path, manifest, key = os.path.join(directory, f"{RECOMPUTE}.tflite"), None, None
+        directory = tempfile.mkdtemp(prefix=f"keras_llm_{name}_")
+        path, manifest, key = os.path.join(directory, f"{name}.tflite"), None, None
     else:
-        path, manifest = litert_paths(source, RECOMPUTE)
-        key = litert_key(source, RECOMPUTE, options)
-        cached = cached_litert(source, RECOMPUTE, options)
+        path, manifest = litert_paths(source, name)
+        key = litert_key(source, name, options)
+        cached = cached_litert(source, name, options)
         if cached:
             return cached[0]
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -225,11 +223,11 @@ def recompute_litert(source, functions, row_counts, progress=True):
             os.remove(manifest)
     start = time.perf_counter()
     if progress:
-        print("keras-llm: converting the model's forward pass to LiteRT for fast decoding"
+        print("keras-llm: converting the model to LiteRT for fast decoding"
               + (f" (once; kept in {os.path.dirname(path)})" if source is not None else "")
               + "...", file=sys.stderr, flush=True)
     try:
-        litert.convert_recompute(functions, path, options["row_counts"])
+        convert(path)
     except BaseException:
         if source is None:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)

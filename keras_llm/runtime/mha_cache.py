@@ -26,6 +26,7 @@ Example:
 import contextlib
 import functools
 import math
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -110,6 +111,89 @@ def _absolute_positions(embedding, context, inputs):  # pylint: disable=unused-a
     return type(embedding).call(embedding, context.positions)  # (B, T, D)
 
 
+class _ExternalContext:
+    """What the swapped calls read while a LiteRT step is traced: the
+    converter's `ExternalCacheContext` (past keys/values as inputs, each
+    row's position) and which attention layers this trace has called."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.called = set()
+
+
+@tf.autograph.experimental.do_not_convert
+def _external_attention(mha, index, context, query, value=None, key=None, **kwargs):
+    """`mha(query, value, key, **kwargs)` over past keys/values that are the
+    step's inputs (`(B, N, S, H)` each, masked by each row's position) and
+    this call's own, which become the step's outputs (the runtime writes
+    them into its cache)."""
+    why = _refuse_call(mha, query, value, key, kwargs)
+    if why:
+        raise ValueError(f"{mha.name!r} cannot run with a KV cache: {why}")
+    if index in context.called:
+        raise ValueError(f"{mha.name!r} is called more than once per forward pass")
+    context.called.add(index)
+    heads_first = lambda t: tf.transpose(t, [0, 2, 1, 3])  # noqa: E731  (B, T, N, H) -> (B, N, T, H)
+    q = heads_first(mha._query_dense(query) * (1.0 / math.sqrt(float(mha._key_dim))))
+    k, v = heads_first(mha._key_dense(query)), heads_first(mha._value_dense(query))
+    past_keys, past_values = context.cache.past(index, k, v)  # (B, N, S, H)
+    past_bias, new_bias = context.cache.attention_biases(tf.shape(q)[2], tf.shape(past_keys)[2])
+    # The biases are (B, 1, 1, T or 1, S or T) for grouped heads: drop the group axis.
+    scores = tf.concat([tf.einsum("bntd,bnsd->bnts", q, past_keys) + past_bias[:, 0],
+                        tf.einsum("bntd,bnsd->bnts", q, k) + new_bias[:, 0]], axis=-1)
+    probs = tf.nn.softmax(scores, axis=-1)
+    split = tf.shape(past_keys)[2]
+    mixed = (tf.einsum("bnts,bnsd->bntd", probs[..., :split], past_values)
+             + tf.einsum("bnts,bnsd->bntd", probs[..., split:], v))
+    return mha._output_dense(heads_first(mixed))  # (B, T, D)
+
+
+@tf.autograph.experimental.do_not_convert
+def _external_positions(embedding, context, inputs):
+    """A position `Embedding` at each token's absolute position (a padded
+    prefill's positions past the table read its last row: their outputs
+    are never used)."""
+    positions = context.cache.positions(tf.shape(inputs)[-1])  # (B, T); inputs: 0..T-1
+    return type(embedding).call(embedding, tf.minimum(positions, embedding.input_dim - 1))
+
+
+def convert_litert(model, path, max_length, batch_sizes=(1, 4, 16), prefill_length=64,
+                   lengths=(), verify_length=0):
+    """Convert a `MultiHeadAttention` causal LM to a LiteRT file that
+    `runtime.litert.LiteRTBackend` runs with its KV cache (the layout of
+    `keras_llm.litert.convert`'s files: caches `(B, heads, positions, key
+    size)` per layer as inputs, the step's keys/values as outputs).
+
+    Raises:
+        ValueError: the model's attention layers differ in heads or sizes,
+            or a value size differs from the key size (one cache shape), or
+            a refusal of `_refuse_call`.
+    """
+    from keras_llm import litert  # pylint: disable=import-outside-toplevel
+    attention = attention_layers(model)
+    shapes = {(layer._key_dense.kernel.shape[1], layer._key_dense.kernel.shape[2],
+               layer._value_dense.kernel.shape[2]) for layer in attention}
+    if len(shapes) != 1 or len({*next(iter(shapes))[1:]}) != 1:
+        raise ValueError(f"its attention layers' (heads, key size, value size) are {shapes}; "
+                         "LiteRT's cache takes one shape with equal key and value sizes")
+    heads, size, _ = next(iter(shapes))
+    output_shape = getattr(model, "output_shape", None)
+    vocabulary = output_shape[-1] if isinstance(output_shape, tuple) else None
+    positions = position_embeddings(model, vocabulary)
+    any_length = fixed_length(model) is not None
+
+    def forward(tokens, cache):
+        context = _ExternalContext(cache)
+        with _swapped_calls(attention, positions, context, _external_attention,
+                            _external_positions):
+            return call_model(model, tokens, any_length)
+
+    config = types.SimpleNamespace(num_layers=len(attention), num_key_value_heads=int(heads),
+                                   head_dim=int(size))
+    return litert.convert_cached(model, path, config, forward, max_length, batch_sizes,
+                                 prefill_length, lengths, verify_length)
+
+
 def attention_layers(model):
     """The model's `MultiHeadAttention` layers (its own or inside its layers),
     in order.
@@ -146,14 +230,15 @@ def position_embeddings(model, vocabulary_size):
 
 
 @contextlib.contextmanager
-def _swapped_calls(attention, positions, context):
-    """Within: `attention`'s calls run over the cache and `positions`' look
-    up absolute positions (instance attributes over the class's `call`)."""
+def _swapped_calls(attention, positions, context, attend=_cached_attention,
+                   look_up=_absolute_positions):
+    """Within: `attention`'s calls run over the cache (`attend`) and
+    `positions`' look up absolute positions (`look_up`) (instance
+    attributes over the class's `call`)."""
     for index, layer in enumerate(attention):
-        object.__setattr__(layer, "call", functools.partial(_cached_attention, layer, index,
-                                                            context))
+        object.__setattr__(layer, "call", functools.partial(attend, layer, index, context))
     for layer in positions:
-        object.__setattr__(layer, "call", functools.partial(_absolute_positions, layer, context))
+        object.__setattr__(layer, "call", functools.partial(look_up, layer, context))
     try:
         yield
     finally:
@@ -189,8 +274,10 @@ class MHACacheBackend(Backend):
         self.allocate(2, max_length)  # two: what `check` runs
 
     @classmethod
-    def from_model(cls, model, max_length=None, **options):
-        """The backend, after the causality probe and the cache probe.
+    def from_model(cls, model, max_length=None, check=True, **options):
+        """The backend, after the causality probe and (with `check`) the
+        cache probe (`check`, which a caller running the model elsewhere,
+        such as on LiteRT, does there instead).
 
         Raises:
             ValueError: not a model this backend runs, or one whose cached
@@ -206,7 +293,8 @@ class MHACacheBackend(Backend):
             limit = min(limit, int(max_length))
         vocabulary = probe_model(model, fixed_length(model) or min(8, limit), vocabulary)
         backend = cls(model, vocabulary, limit, **options)
-        backend.check(min(24, limit))
+        if check:
+            backend.check(min(24, limit))
         return backend
 
     def allocate(self, num_slots, max_length):
@@ -289,26 +377,33 @@ class MHACacheBackend(Backend):
         return self._windows[size]
 
     def check(self, length, seed=0):
-        """Raise ValueError unless prompts of random ids (half of `length`,
-        and one token less in a second slot when there are two) followed by
-        single steps, both rows in one step, give the model's own logits."""
-        ids = np.random.default_rng(seed).integers(
-            0, self.capabilities.vocabulary_size, size=length).astype(np.int32)
-        full = np.asarray(tf.cast(call_model(self.model, tf.constant(ids[np.newaxis]),
-                                             self.any_length), tf.float32))[0]  # (T, V)
-        cut = max(length // 2, 2)
-        slots = list(range(min(2, self.num_slots)))
-        got = [[self.prefill(ids[:cut - slot], slot)] for slot in slots]
-        for position in range(cut, length):
-            _, logits = self.step([ids[position - slot] for slot in slots], slots)
-            for slot in slots:
-                got[slot].append(logits[slot])
+        """Raise ValueError unless this backend's cached steps give the
+        model's own logits (see `check_cache`)."""
+        check_cache(self, self.model, length, self.any_length, seed)
         self._lengths[:] = 0
-        difference = max(float(np.max(np.abs(np.stack(got[slot]) - full[cut - 1 - slot:
-                                                                             length - slot])))
-                         for slot in slots)
-        if difference > tolerance(self.model, full):
-            raise ValueError(f"its cached steps differ from its own logits by up to "
-                             f"{difference:.3g} (a layer mixes positions in a way the cache "
-                             "does not reproduce)")
 
+
+def check_cache(backend, model, length, any_length=False, seed=0):
+    """Raise ValueError unless `backend` (this module's, or a LiteRT one
+    over the converted model) gives `model`'s own logits: prompts of random
+    ids (half of `length`, and one token less in a second slot when there
+    are two) followed by single steps, both rows in one step. The slots'
+    contents are left to the caller to free."""
+    ids = np.random.default_rng(seed).integers(
+        0, backend.capabilities.vocabulary_size, size=length).astype(np.int32)
+    full = np.asarray(tf.cast(call_model(model, tf.constant(ids[np.newaxis]), any_length),
+                              tf.float32))[0]  # (T, V)
+    cut = max(length // 2, 2)
+    slots = list(range(min(2, getattr(backend, "num_slots", 2))))
+    got = [[backend.prefill(ids[:cut - slot], slot)] for slot in slots]
+    for position in range(cut, length):
+        _, logits = backend.step([ids[position - slot] for slot in slots], slots)
+        for slot in slots:
+            got[slot].append(logits[slot])
+    difference = max(float(np.max(np.abs(np.stack(got[slot]) - full[cut - 1 - slot:
+                                                                     length - slot])))
+                     for slot in slots)
+    if difference > tolerance(model, full):
+        raise ValueError(f"its cached steps differ from its own logits by up to "
+                         f"{difference:.3g} (a layer mixes positions in a way the cache "
+                         "does not reproduce)")
