@@ -69,17 +69,23 @@ def _refuse_call(mha, query, value, key, kwargs):
     return None
 
 
-@tf.autograph.experimental.do_not_convert
-def _cached_attention(mha, index, context, query, value=None, key=None, **kwargs):
-    """`mha(query, value, key, **kwargs)` over the slots' cache: writes this
-    call's keys and values at the tokens' positions, attends over every
-    position up to each token's own."""
+def _admit(mha, index, context, query, value, key, kwargs):
+    """Raise ValueError unless this call of `mha` is one the cache
+    reproduces (`_refuse_call`) and its first in this trace."""
     why = _refuse_call(mha, query, value, key, kwargs)
     if why:
         raise ValueError(f"{mha.name!r} cannot run with a KV cache: {why}")
     if index in context.called:
         raise ValueError(f"{mha.name!r} is called more than once per forward pass")
     context.called.add(index)
+
+
+@tf.autograph.experimental.do_not_convert
+def _cached_attention(mha, index, context, query, value=None, key=None, **kwargs):
+    """`mha(query, value, key, **kwargs)` over the slots' cache: writes this
+    call's keys and values at the tokens' positions, attends over every
+    position up to each token's own."""
+    _admit(mha, index, context, query, value, key, kwargs)
     q = mha._query_dense(query) * (1.0 / math.sqrt(float(mha._key_dim)))  # (B, T, N, H)
     k = mha._key_dense(query)  # (B, T, N, H)
     v = mha._value_dense(query)  # (B, T, N, Hv)
@@ -127,12 +133,7 @@ def _external_attention(mha, index, context, query, value=None, key=None, **kwar
     step's inputs (`(B, N, S, H)` each, masked by each row's position) and
     this call's own, which become the step's outputs (the runtime writes
     them into its cache)."""
-    why = _refuse_call(mha, query, value, key, kwargs)
-    if why:
-        raise ValueError(f"{mha.name!r} cannot run with a KV cache: {why}")
-    if index in context.called:
-        raise ValueError(f"{mha.name!r} is called more than once per forward pass")
-    context.called.add(index)
+    _admit(mha, index, context, query, value, key, kwargs)
     heads_first = lambda t: tf.transpose(t, [0, 2, 1, 3])  # noqa: E731  (B, T, N, H) -> (B, N, T, H)
     q = heads_first(mha._query_dense(query) * (1.0 / math.sqrt(float(mha._key_dim))))
     k, v = heads_first(mha._key_dense(query)), heads_first(mha._value_dense(query))
