@@ -387,9 +387,12 @@ def _save_recompute(lm, staging, model_name, max_new_tokens, warmup, litert=True
     if path and user_tokenizer.tokenizer_format(path) == "keras_llm":
         from keras_llm.tokenizer import BytePairTokenizer  # pylint: disable=import-outside-toplevel
         in_graph = BytePairTokenizer.from_config_file(path)
+    from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+    # With a LiteRT file holding its KV cache, the recompute pass needs none of its own.
+    cached = litert and isinstance(lm.engine.backend, LiteRTBackend)
     try:
         module = RecomputeGenerationModule(lm, max_new_tokens=max_new_tokens, tokenizer=in_graph,
-                                           litert=litert)
+                                           litert=litert and not cached)
     except ValueError as error:
         raise ExportError(str(error)) from None
     signatures = {name: getattr(module, name).get_concrete_function()
@@ -417,12 +420,8 @@ def _save_recompute(lm, staging, model_name, max_new_tokens, warmup, litert=True
     }
     if tokenizer_json is None:
         LOG.info("the export has no tokenizer (ids only)")
-    if module.litert_file:
-        name = os.path.join(os.path.dirname(artifacts.EXPORT_LITERT), "recompute.tflite")
-        os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
-        shutil.copyfile(module.litert_file, os.path.join(staging, name))
-        metadata["litert"] = {"file": name, "files": [name], "precision": "float32",
-                              "row_counts": module.litert_row_counts}
+    if litert:
+        metadata["litert"] = _copy_user_litert(lm, module, staging)
     assets = os.path.join(staging, "assets")
     os.makedirs(assets, exist_ok=True)
     with open(os.path.join(assets, METADATA_ASSET), "w", encoding="utf-8") as handle:
@@ -480,6 +479,34 @@ def _save_llama(lm, staging, model_name, max_new_tokens, jit_compile, chat, warm
                 raise
             print(f"keras-llm: no LiteRT file in the export (conversion failed: {error}); "
                   "the server will decode with XLA", file=sys.stderr, flush=True)
+
+
+def _copy_user_litert(lm, module, staging):
+    """Copy the LiteRT file a user's model decodes with into the export and
+    return its metadata record (None without one): the file with its KV
+    cache where it has one (a `MultiHeadAttention` model's, a mapped
+    Llama's), which `keras-llm serve` runs as it runs a Llama export's, else
+    the recompute forward pass's."""
+    from keras_llm.runtime.litert import LiteRTBackend  # pylint: disable=import-outside-toplevel
+    folder = os.path.dirname(artifacts.EXPORT_LITERT)
+    backend = lm.engine.backend
+    if isinstance(backend, LiteRTBackend):
+        runner = backend.runner
+        names = [os.path.join(folder, os.path.basename(path)) for path in runner.paths]
+        record = {"kind": "cache", "cache": {"num_layers": runner.num_layers,
+                                             "num_key_value_heads": runner.num_key_value_heads,
+                                             "head_dim": runner.head_dim}}
+        sources = runner.paths
+    elif module.litert_file:
+        names = [os.path.join(folder, "recompute.tflite")]
+        record = {"kind": "recompute", "row_counts": module.litert_row_counts}
+        sources = [module.litert_file]
+    else:
+        return None
+    os.makedirs(os.path.join(staging, folder), exist_ok=True)
+    for source, name in zip(sources, names):
+        shutil.copyfile(source, os.path.join(staging, name))
+    return {"file": names[0], "files": names, "precision": "float32", **record}
 
 
 def _write_litert(lm, staging, precision, batch_sizes, max_length, lengths, metadata,

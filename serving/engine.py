@@ -100,8 +100,13 @@ class ExportedModel:
         itemsize = 2 if self.metadata.get("dtype") in ("bfloat16", "float16") else 4
         max_length = min(config.max_length, self.context_length,
                          backend.capabilities.max_length)
-        if self.metadata.get("backend") == "recompute":  # no KV cache: the tokens on the host
+        cache = (self.metadata.get("litert") or {}).get("cache")
+        if self.metadata.get("backend") == "recompute" and not (
+                cache and backend.capabilities.name == "litert"):  # the tokens on the host
             self.bytes_per_slot = 4 * max_length
+        elif cache:  # a user's model's LiteRT file with its KV cache (float32)
+            self.bytes_per_slot = int(2 * cache["num_layers"] * cache["num_key_value_heads"]
+                                      * cache["head_dim"] * max_length * 4)
         else:
             self.bytes_per_slot = int(2 * model["num_layers"] * model["num_key_value_heads"]
                                       * model["head_dim"] * max_length * itemsize)
@@ -145,8 +150,11 @@ class ExportedModel:
                 raise ValueError(f"{self.export_dir} has no LiteRT file (its model did not "
                                  "convert, or it was exported with --no-litert)")
             if choice != "saved_model" and files:
-                from keras_llm.runtime.litert import LiteRTRecompute  # pylint: disable=import-outside-toplevel
-                litert = LiteRTRecompute(files[0], num_threads=self.config.num_threads or None)
+                from keras_llm.runtime import litert as runtime  # pylint: disable=import-outside-toplevel
+                threads = self.config.num_threads or None
+                if self.metadata["litert"].get("kind") == "cache":  # the model with its KV cache
+                    return runtime.LiteRTBackend(files, num_threads=threads)
+                litert = runtime.LiteRTRecompute(files[0], num_threads=threads)
             return RecomputeBackend(self.module.recompute, model["vocabulary_size"],
                                     self.context_length, max_slots=self.config.max_slots,
                                     length_bucket=model["length_bucket"],

@@ -188,9 +188,13 @@ def test_export_score_and_metadata(files, exports):
         metadata = json.load(handle)
     assert metadata["backend"] == "recompute" and metadata["signatures"] == ["generate_ids",
                                                                               "score"]
-    # The forward pass's LiteRT file, which keras-llm serve runs.
-    assert metadata["litert"]["files"] == ["assets.extra/litert/recompute.tflite"]
-    assert os.path.isfile(os.path.join(paths["small_llama"], metadata["litert"]["file"]))
+    # The LiteRT file the model decodes with, which keras-llm serve runs.
+    for name in MODELS:
+        with open(os.path.join(paths[name], "assets", "keras_llm.json"), encoding="utf-8") as f:
+            record = json.load(f)["litert"]
+        assert record["files"] == [f"assets.extra/litert/{FILES[name]}"]
+        assert record["kind"] == "cache" and record["cache"]["num_layers"] == 2
+        assert os.path.isfile(os.path.join(paths[name], record["file"]))
 
 
 def test_failed_export_leaves_nothing(files, tmp_path):
@@ -237,8 +241,8 @@ def test_serve_answers_generate_and_predict_with_ids(files, exports):
                 predict.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             response = prediction.Predict(predict, timeout=DEADLINE)
             assert tf.make_ndarray(response.outputs["token_ids"])[0].tolist() == reference
-            litert = server.servables.lookup(name).engine.engine.backend.litert
-            assert litert is not None and litert.calls >= 3 * NEW  # every forward pass
+            backend = server.servables.lookup(name).engine.engine.backend
+            assert os.path.basename(backend.runner.path) == FILES[name]  # the cache, on LiteRT
     finally:
         channel.close()
         server.drain(0)
@@ -359,3 +363,44 @@ def test_a_model_litert_cannot_convert_recomputes_with_tensorflow(caplog):
     assert completion.token_ids == user_layers.greedy_predict(model, [5, 1, 9], 6)
     with pytest.raises(Exception):  # noqa: B017  (the converter's own error)
         keras_llm.LanguageModel(model, max_positions=64, backend="litert").recompute_backend()
+
+
+def _convolution_lm(seed=0):
+    """A causal LM with no attention (a causal Conv1D): no KV-cache path."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.layers.Input(shape=(None,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, 16)(inputs)
+    x = keras.layers.Conv1D(16, 3, padding="causal", activation="relu")(x)
+    x = keras.layers.Conv1D(16, 3, padding="causal", activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(VOCAB)(x), name="convolution_lm")
+
+
+def test_a_model_without_a_cache_exports_and_serves_its_litert_forward_pass(files, tmp_path):
+    model = _convolution_lm()
+    path = str(tmp_path / "convolution.keras")
+    model.save(path)
+    prompt = files["prompt"]
+    reference = user_layers.greedy_predict(model, prompt, 8)
+    lm = keras_llm.load(path, max_positions=64)
+    export = export_model(lm, tmp_path / "exports", "convolution", max_new_tokens=8,
+                          progress=False)
+    with open(os.path.join(export, "assets", "keras_llm.json"), encoding="utf-8") as handle:
+        record = json.load(handle)["litert"]
+    assert record["kind"] == "recompute" and record["files"] == [
+        "assets.extra/litert/recompute.tflite"]
+    server = Server({"convolution": str(tmp_path / "exports" / "convolution")}, port=0,
+                    engine_config=EngineConfig(max_slots=2, max_length=64), poll_seconds=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        request = generation_pb2.GenerateRequest(
+            model_name="convolution", sampling=generation_pb2.SamplingOptions(max_new_tokens=8))
+        request.ids.ids.extend(prompt)
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        summary = [r.summary for r in stub.Generate(request, timeout=DEADLINE)
+                   if r.HasField("summary")][0]
+        assert list(summary.token_ids) == reference
+        litert = server.servables.lookup("convolution").engine.engine.backend.litert
+        assert litert is not None and litert.calls >= 8  # the forward passes ran on LiteRT
+    finally:
+        channel.close()
+        server.drain(0)
