@@ -296,12 +296,25 @@ class LanguageModel:
         try:
             if dtype != "float32":
                 raise ValueError(f"its compute dtype is {dtype}; LiteRT runs float32 here")
+            kept = self.source is not None and artifacts.cached_litert(self.source, name, options)
             path = artifacts.user_litert(self.source, name, options, convert,
                                          progress=self.progress)
             runtime = open_file(path)
             if self.source is None:  # a temporary file: gone with the runtime
                 weakref.finalize(runtime, shutil.rmtree, os.path.dirname(path), True)
-            check(runtime)
+            try:
+                check(runtime)
+            except ValueError:
+                if not kept:
+                    raise
+                # Converted from the same weights file, but the layers' code (which the
+                # file's key cannot see) may have changed since: convert once more.
+                LOG.info("model %r: its kept LiteRT %s file is stale; converting again",
+                         self.model.name, name)
+                os.remove(artifacts.litert_paths(self.source, name)[1])  # the manifest
+                runtime = open_file(artifacts.user_litert(self.source, name, options, convert,
+                                                          progress=self.progress))
+                check(runtime)
             if callable(getattr(runtime, "release", None)):
                 runtime.release()  # the check's slots
             return runtime

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -404,3 +405,18 @@ def test_a_model_without_a_cache_exports_and_serves_its_litert_forward_pass(file
     finally:
         channel.close()
         server.drain(0)
+
+
+def test_a_kept_litert_file_that_no_longer_matches_is_converted_again(files, tmp_path):
+    """The kept file's key sees the weights file, not the layers' code: a
+    kept file that fails the check is converted again, not just skipped."""
+    entry = files["models"]["builtin_gpt"]
+    mine, other = str(tmp_path / "mine.keras"), str(tmp_path / "other.keras")
+    user_layers.builtin_gpt(vocab_size=VOCAB, seed=2).save(mine)  # the fixture's builtin_gpt
+    user_layers.builtin_gpt(vocab_size=VOCAB, seed=9).save(other)
+    kept = keras_llm.load(mine).engine.backend.runner.path
+    shutil.copyfile(keras_llm.load(other).engine.backend.runner.path, kept)  # a stale file
+    lm = keras_llm.load(mine)
+    assert lm.engine.backend.capabilities.name == "litert"  # converted again, not XLA
+    [completion] = lm.generate_ids([files["prompt"]], max_new_tokens=NEW)
+    assert completion.token_ids == entry["reference"]
