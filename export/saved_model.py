@@ -376,9 +376,9 @@ def _export_version(model, base, model_dir, model_name, version, max_new_tokens,
 
 
 def _save_recompute(lm, staging, model_name, max_new_tokens, warmup, litert=True):
-    """Write the SavedModel of a user's causal LM (see `export.recompute`),
-    with its forward pass's LiteRT file (`litert`, where the model converts)
-    as `assets.extra/litert/recompute.tflite` for `keras-llm serve`."""
+    """Write the SavedModel of a user's causal LM (see `export.recompute`)
+    and, with `litert`, the LiteRT file it decodes with for `keras-llm
+    serve` (see `_copy_user_litert`)."""
     from keras_llm.export.recompute import RecomputeGenerationModule  # pylint: disable=import-outside-toplevel
     from keras_llm.runtime import user_tokenizer  # pylint: disable=import-outside-toplevel
 
