@@ -296,9 +296,8 @@ class LanguageModel:
         try:
             if dtype != "float32":
                 raise ValueError(f"its compute dtype is {dtype}; LiteRT runs float32 here")
-            kept = self.source is not None and artifacts.cached_litert(self.source, name, options)
-            path = artifacts.user_litert(self.source, name, options, convert,
-                                         progress=self.progress)
+            path, kept = artifacts.user_litert(self.source, name, options, convert,
+                                               progress=self.progress)
             runtime = open_file(path)
             if self.source is None:  # a temporary file: gone with the runtime
                 weakref.finalize(runtime, shutil.rmtree, os.path.dirname(path), True)
@@ -313,7 +312,7 @@ class LanguageModel:
                          self.model.name, name)
                 os.remove(artifacts.litert_paths(self.source, name)[1])  # the manifest
                 runtime = open_file(artifacts.user_litert(self.source, name, options, convert,
-                                                          progress=self.progress))
+                                                          progress=self.progress)[0])
                 check(runtime)
             if callable(getattr(runtime, "release", None)):
                 runtime.release()  # the check's slots

@@ -527,11 +527,7 @@ def convert_cached(model, path, config, forward, max_length, batch_sizes=(1, 4, 
     holder, steps = _step_functions(model, max_length, sorted({int(b) for b in batch_sizes}),
                                     prefill_length, sorted({int(n) for n in lengths}),
                                     verify_length, config=config, forward=forward)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [f.get_concrete_function() for f in steps.values()], holder)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    _write(path, converter.convert())
-    return path
+    return _convert_builtins([f.get_concrete_function() for f in steps.values()], holder, path)
 
 
 def convert_recompute(functions, path, row_counts):
@@ -563,7 +559,13 @@ def convert_recompute(functions, path, row_counts):
         steps.append(tf.function(step, autograph=False, input_signature=[
             tf.TensorSpec([rows, None], tf.int32, name="token_ids"),
             tf.TensorSpec([rows], tf.int32, name="last")]).get_concrete_function())
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(steps, holder)
+    return _convert_builtins(steps, holder, path)
+
+
+def _convert_builtins(functions, holder, path):
+    """Convert concrete `functions` (saved with `holder`) to TFLite's
+    built-in ops, float32, into `path` (atomically); returns `path`."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     _write(path, converter.convert())
     return path

@@ -208,7 +208,8 @@ def user_litert(source, name, options, convert, progress=True):
     converted once by `convert(path)` and kept with `source`'s artifacts
     (`<name>.tflite`, with a manifest keyed like `build_litert`'s on the
     weights file and `options`), or, for a model with no `source`, in a new
-    temporary directory (the caller's to remove). Returns the path."""
+    temporary directory (the caller's to remove). Returns `(path, kept)`:
+    `kept` when the file was there already."""
     if source is None:
         directory = tempfile.mkdtemp(prefix=f"keras_llm_{name}_")
         path, manifest, key = os.path.join(directory, f"{name}.tflite"), None, None
@@ -217,7 +218,7 @@ def user_litert(source, name, options, convert, progress=True):
         key = litert_key(source, name, options)
         cached = cached_litert(source, name, options)
         if cached:
-            return cached[0]
+            return cached[0], True
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.exists(manifest):
             os.remove(manifest)
@@ -237,7 +238,7 @@ def user_litert(source, name, options, convert, progress=True):
     if progress:
         print(f"keras-llm: LiteRT file ready in {time.perf_counter() - start:.0f}s",
               file=sys.stderr, flush=True)
-    return path
+    return path, False
 
 
 def model_context(model):
