@@ -551,7 +551,7 @@ def convert_recompute(functions, path, row_counts):
     steps = []
     for rows in sorted({int(n) for n in row_counts}):
         def step(token_ids, last):
-            greedy, logits = last_logits(functions.model, (functions.body, functions.head),
+            greedy, logits = last_logits(functions.model, functions.plan,
                                          token_ids, last, functions.any_length)
             return {"greedy": greedy, "logits": logits}
 

@@ -22,7 +22,7 @@ import keras_llm
 from keras_llm import cli
 from keras_llm.export.saved_model import export_model
 from keras_llm.runtime.engine import Engine, EngineConfig as RuntimeConfig, InvalidRequest
-from keras_llm.runtime.recompute import RecomputeBackend
+from keras_llm.runtime.recompute import RecomputeBackend, last_position_plan
 from keras_llm.serving.engine import EngineConfig
 from keras_llm.serving.protos import generation_pb2, generation_pb2_grpc
 from keras_llm.serving.server import Server
@@ -325,6 +325,74 @@ def test_generic_path_runs_on_litert_with_the_predict_loop_tokens(files, name):
     xla = keras_llm.load(entry["path"], backend="xla").recompute_backend()
     assert xla.litert is None
     assert _generate(xla, [prompt, other]) == [entry["reference"], alone]
+
+
+def _at_last(plan):
+    """The layers a plan runs on the last position only, in order."""
+    return [node.layer.name for node in plan.nodes if id(node) in plan.last_nodes]
+
+
+def _plan_logits(model, plan, length=20, last=(19, 4, 11), seed=0):
+    """`(plan's logits, the model's own at those positions)` on random ids."""
+    ids = np.random.default_rng(seed).integers(0, VOCAB, (len(last), length)).astype(np.int32)
+    want = tf.gather(model(ids), np.array(last, np.int32), batch_dims=1)
+    return plan(tf.constant(ids), tf.constant(last, tf.int32)).numpy(), want.numpy()
+
+
+def test_layers_after_the_last_attention_run_at_the_last_position_only():
+    """builtin_gpt: its last attention's query, the adds, norms, MLP and
+    head run on each row's last position (attention_0 and everything before
+    on the whole sequence), and the logits are the model's own there, rows
+    of different lengths in one batch. The MHA cache's plan runs every
+    attention layer whole (they write the cache)."""
+    model = user_layers.builtin_gpt(vocab_size=VOCAB, seed=2)
+    plan = last_position_plan(model)
+    ran = _at_last(plan)
+    assert ran[0] == "attention_1" and len(ran) == 8
+    assert [type(model.get_layer(name)).__name__ for name in ran[1:]] == [
+        "Add", "LayerNormalization", "Dense", "Dense", "Add", "LayerNormalization", "Dense"]
+    got, want = _plan_logits(model, plan)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    cached = last_position_plan(model, attention=False)  # mha_cache's: the layers after it
+    assert _at_last(cached) == ran[1:]
+    np.testing.assert_allclose(_plan_logits(model, cached)[0], want, atol=1e-4)
+
+
+class _RunningSum(keras.layers.Dense):
+    """A Dense whose output mixes positions (a running sum over time):
+    causal, not position-wise, so a subclass of Dense is not taken as one."""
+
+    def call(self, inputs):
+        return tf.cumsum(super().call(inputs), axis=1)
+
+
+def test_a_layer_that_mixes_positions_runs_on_the_whole_sequence():
+    """After the last attention, a causal Conv1D and a Dense subclass that
+    sums over time need every position: only the layers after them (and
+    not they) run on the last position, and the logits stay the model's."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.layers.Input(shape=(None,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, 16)(inputs)
+    x = x + keras.layers.MultiHeadAttention(2, 8)(x, x, use_causal_mask=True)
+    x = keras.layers.Conv1D(16, 3, padding="causal", name="conv")(x)
+    x = keras.layers.Dense(16, name="mlp")(x)
+    x = _RunningSum(16, name="running_sum")(x)
+    model = keras.Model(inputs, keras.layers.Dense(VOCAB, name="head")(
+        keras.layers.LayerNormalization(name="norm")(x)))
+    plan = last_position_plan(model)
+    assert _at_last(plan) == ["norm", "head"]
+    got, want = _plan_logits(model, plan)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_model_with_a_keras_mask_runs_whole():
+    """Masks (mask_zero) travel with tensors: no layer runs on one position."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.layers.Input(shape=(None,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, 16, mask_zero=True)(inputs)
+    x = keras.layers.MultiHeadAttention(2, 8)(x, x, use_causal_mask=True)
+    model = keras.Model(inputs, keras.layers.Dense(VOCAB)(x))
+    assert last_position_plan(model) is None
 
 
 def test_a_model_in_memory_converts_to_a_temporary_file_gone_with_it(files):

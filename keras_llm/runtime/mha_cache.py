@@ -34,7 +34,7 @@ import tensorflow as tf
 from keras_llm.generation import round_up
 from keras_llm.runtime.backend import Backend, Capabilities, row_counts
 from keras_llm.runtime.recompute import (call_model, fixed_length, last_logits, max_positions,
-                                         probe_model, split_head, tolerance)
+                                         last_position_plan, probe_model, tolerance)
 
 _MASKED = -1e9  # what MultiHeadAttention's masked softmax adds
 
@@ -265,7 +265,8 @@ class MHACacheBackend(Backend):
         self.model = model
         self.attention = attention_layers(model)
         self.positions = position_embeddings(model, vocabulary_size)
-        self.split = split_head(model)  # prefill: the head on the last position only
+        # prefill: the layers after the last attention on the last position only
+        self.plan = last_position_plan(model, attention=False)
         self.context = _Context()
         self.any_length = fixed_length(model) is not None  # steps run 1 token: past the check
         self.length_bucket, self.jit_compile = int(length_bucket), bool(jit_compile)
@@ -330,7 +331,7 @@ class MHACacheBackend(Backend):
         self.context.called = set()
         try:
             with _swapped_calls(self.attention, self.positions, self.context):
-                return last_logits(self.model, self.split, token_ids, last, self.any_length)
+                return last_logits(self.model, self.plan, token_ids, last, self.any_length)
         finally:
             self.context.rows = self.context.positions = self.context.window = None
 

@@ -50,9 +50,10 @@ class RecomputeFunctions(tf.Module):
     carries this module as its `recompute` attribute, so the server and the
     export's `generate_ids` loop run the same function.
 
-    When the model's last layer is a `Dense` (a per-position head), it runs
-    only on the rows' last positions: the body gives hidden states `(B, T, H)`
-    and the head `(B, V)`, the same numbers with a fraction of the work.
+    Where a Functional model's last layers work position by position (its
+    output head, and past its last causal `MultiHeadAttention` the query,
+    MLP and norms), they run on the rows' last positions only
+    (`LastPositionPlan`): the same numbers with less work.
 
     Args:
         model: a causal Keras LM, `(B, T) -> (B, T, V)`.
@@ -65,7 +66,7 @@ class RecomputeFunctions(tf.Module):
         super().__init__(name="recompute")
         self.model = model
         self.any_length = bool(any_length)
-        self.body, self.head = split_head(model)
+        self.plan = last_position_plan(model)
         self.jit_compile = bool(jit_compile)
         self.last_logits = self._function()
 
@@ -81,21 +82,18 @@ class RecomputeFunctions(tf.Module):
         self.last_logits = self._function()
 
     def _last_logits(self, token_ids, last):
-        return last_logits(self.model, (self.body, self.head), token_ids, last, self.any_length)
+        return last_logits(self.model, self.plan, token_ids, last, self.any_length)
 
 
-def last_logits(model, split, token_ids, last, any_length):
+def last_logits(model, plan, token_ids, last, any_length):
     """`(greedy (B,) int32, float32 logits (B, V))` of `model` on `token_ids
-    (B, T)` at position `last[b]` of each row; with `split` (`(body, head)`
-    from `split_head`, not `(None, None)`) the head runs on those positions only."""
-    body, head = split
-    if head is None:
+    (B, T)` at position `last[b]` of each row; with a `LastPositionPlan`
+    (not None) the layers it names run on those positions only."""
+    if plan is None:
         logits = call_model(model, token_ids, any_length)  # (B, T, V)
         logits = tf.gather(logits, last, batch_dims=1)  # (B, V)
     else:
-        hidden = call_model(body, token_ids, any_length)  # (B, T, H)
-        hidden = tf.gather(hidden, last, batch_dims=1)[:, tf.newaxis, :]  # (B, 1, H)
-        logits = head(hidden)[:, 0, :]  # (B, V)
+        logits = plan(token_ids, last)
     logits = tf.cast(logits, tf.float32)
     return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
 
@@ -108,22 +106,194 @@ def call_model(model, token_ids, any_length):
     return model(token_ids, training=False)
 
 
-def split_head(model):
-    """`(body, head)` of a Functional model whose output is a `Dense` layer's
-    (body: the same layers up to the head's input), else `(None, None)`."""
-    layers = getattr(model, "layers", None)
-    outputs = getattr(model, "outputs", None)
-    if not layers or not outputs or len(outputs) != 1 or not getattr(model, "inputs", None):
-        return None, None
-    head = layers[-1]
-    if type(head) is not tf.keras.layers.Dense:  # pylint: disable=unidiomatic-typecheck
-        return None, None
+# Layers whose output at a position is a function of their inputs at that
+# position alone (on `(B, T, H)` tensors): they can run on one position.
+_POSITIONWISE = (tf.keras.layers.Dense, tf.keras.layers.LayerNormalization,
+                 tf.keras.layers.Activation, tf.keras.layers.Dropout, tf.keras.layers.ReLU,
+                 tf.keras.layers.Add, tf.keras.layers.Subtract, tf.keras.layers.Multiply,
+                 tf.keras.layers.Average, tf.keras.layers.Maximum, tf.keras.layers.Minimum)
+_MHA = tf.keras.layers.MultiHeadAttention
+_MHA_ARGUMENTS = ("query", "value", "key", "attention_mask", "return_attention_scores",
+                  "training", "use_causal_mask")
+
+
+class _Each(dict):
+    """`node.map_arguments`' lookup (it pops one value per use): the same
+    value for every use."""
+
+    class _Value:  # pylint: disable=too-few-public-methods
+        def __init__(self, value):
+            self.value = value
+
+        def pop(self):
+            return self.value
+
+    def __init__(self, lookup):
+        super().__init__()
+        self._lookup = lookup
+
+    def __getitem__(self, tensor_id):
+        return self._Value(self._lookup(tensor_id))
+
+
+class LastPositionPlan:
+    """A Functional model run for its logits at one position per row, with
+    the layers after its last mixing of positions on that position alone.
+
+    Only one position's logits are read per step, so the output head (a
+    `Dense` over the vocabulary) and, past the last `MultiHeadAttention`
+    called with `use_causal_mask=True`, its query projection, the residual
+    adds, norms and MLP need that position only: the attention reads every
+    position's keys and values and the last one's query (the causal mask
+    becomes "positions up to `last`"). Which layers can: the ones in
+    `_POSITIONWISE` on `(batch, time, features)` tensors; anything else runs
+    on the whole sequence. The same layers and weights, called as the
+    Functional model calls them; `last_position_plan` checks the result
+    against the model.
+
+    Args:
+        model: a Functional causal LM with one input and one output.
+        last_nodes: the nodes (by `id`) that run on the last position only.
+    """
+
+    def __init__(self, model, last_nodes):
+        self.model = model
+        self.last_nodes = frozenset(last_nodes)
+        self.nodes = [node for depth in sorted(model._nodes_by_depth, reverse=True)  # pylint: disable=protected-access
+                      for node in model._nodes_by_depth[depth] if not node.is_input]  # pylint: disable=protected-access
+        self.input_id, self.output_id = str(id(model.inputs[0])), str(id(model.outputs[0]))
+
+    def __call__(self, token_ids, last):
+        """The logits `(B, V)` at position `last[b]` of each row of `token_ids (B, T)`."""
+        model = self.model
+        whole = {self.input_id: model._conform_to_reference_input(  # pylint: disable=protected-access
+            token_ids, ref_input=model.inputs[0])}
+        at_last = {}
+
+        def last_of(tensor_id):  # (B, 1, ...)
+            if tensor_id not in at_last:
+                at_last[tensor_id] = tf.gather(whole[tensor_id], last[:, tf.newaxis],
+                                               batch_dims=1)
+            return at_last[tensor_id]
+
+        for node in self.nodes:
+            if id(node) not in self.last_nodes:
+                args, kwargs = node.map_arguments(_Each(whole.__getitem__))
+                outputs = tf.nest.flatten(node.layer(*args, **kwargs))
+                whole.update(zip(node.flat_output_ids, outputs))
+            elif isinstance(node.layer, _MHA):
+                call = _mha_arguments(node)
+                value = whole[str(id(call["value"]))]
+                key = whole[str(id(call["key"]))] if call.get("key") is not None else None
+                upto = (tf.range(tf.shape(value)[1])[tf.newaxis, tf.newaxis, :]
+                        <= last[:, tf.newaxis, tf.newaxis])  # (B, 1, T): the causal mask's row
+                at_last[node.flat_output_ids[0]] = node.layer(
+                    last_of(str(id(call["query"]))), value, key=key, attention_mask=upto)
+            else:
+                args, kwargs = node.map_arguments(_Each(last_of))
+                at_last[node.flat_output_ids[0]] = node.layer(*args, **kwargs)
+        return last_of(self.output_id)[:, 0, :]
+
+
+def _mha_arguments(node):
+    """A `MultiHeadAttention` node's call arguments by name."""
+    arguments = dict(zip(_MHA_ARGUMENTS, node.call_args))
+    arguments.update(node.call_kwargs)
+    return arguments
+
+
+def _batch_sequences(tensors):
+    """Whether every tensor is `(batch, time, features)` (no broadcast
+    batch or time dimension, no Keras mask)."""
+    return all(t.shape.rank == 3 and t.shape[0] is None
+               and getattr(t, "_keras_mask", None) is None for t in tensors)
+
+
+def _runs_at_last(node, attention):
+    """Whether `node` can run on one position: a position-wise layer, or
+    (with `attention`) a causal self-attention whose query is what is
+    asked at the last position."""
+    layer = node.layer
+    if isinstance(layer, _MHA):
+        if not attention:
+            return False
+        call = _mha_arguments(node)
+        return (call.get("use_causal_mask") is True and call.get("attention_mask") is None
+                and not call.get("return_attention_scores")
+                and _batch_sequences([t for t in (call.get("query"), call.get("value"),
+                                                  call.get("key")) if t is not None]))
+    if type(layer) not in _POSITIONWISE:  # pylint: disable=unidiomatic-typecheck
+        return False  # a subclass may mix positions
+    if isinstance(layer, tf.keras.layers.LayerNormalization):
+        if any(axis not in (-1, 2) for axis in layer.axis):
+            return False
+    return bool(node.keras_inputs) and _batch_sequences(node.keras_inputs)
+
+
+def last_position_plan(model, attention=True):
+    """A `LastPositionPlan` for `model`, or None where it has nothing to
+    gain (not a one-input, one-output Functional model, or no layer at its
+    end runs on one position) or does not give the model's logits.
+
+    Args:
+        model: the causal LM.
+        attention: let the last causal `MultiHeadAttention` run its query at
+            the last position (False: stop at attention layers, which
+            `mha_cache` swaps for its cached ones, which write every position).
+    """
     try:
-        if head.output is not outputs[0] or head.input.shape.rank != 3:
-            return None, None
-        return tf.keras.Model(model.inputs, head.input, name=f"{model.name}_body"), head
-    except (AttributeError, ValueError):  # a head shared between several calls
-        return None, None
+        graph = model._nodes_by_depth  # pylint: disable=protected-access
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            return None
+    except (AttributeError, TypeError):
+        return None
+    wanted = {str(id(model.outputs[0])): {"last"}}  # tensor id -> the forms asked of it
+    last_nodes = set()
+    for depth in sorted(graph):  # consumers before the nodes they read
+        for node in graph[depth]:
+            if node.is_input:
+                continue
+            asked = set().union(*(wanted.get(i, set()) for i in node.flat_output_ids))
+            if not asked:
+                continue
+            at_last = (asked == {"last"} and len(node.flat_output_ids) == 1
+                       and _runs_at_last(node, attention))
+            if at_last:
+                last_nodes.add(id(node))
+                forms = {str(id(t)): "last" for t in node.keras_inputs}
+                if isinstance(node.layer, _MHA):
+                    call = _mha_arguments(node)
+                    for name in ("value", "key"):  # the query alone runs at the last position
+                        if call.get(name) is not None:
+                            forms[str(id(call[name]))] = "whole"
+            else:
+                forms = {str(id(t)): "whole" for t in node.keras_inputs}
+            for tensor_id, form in forms.items():
+                wanted.setdefault(tensor_id, set()).add(form)
+    if not last_nodes:
+        return None
+    plan = LastPositionPlan(model, last_nodes)
+    return plan if _plan_matches(model, plan) else None
+
+
+def _plan_matches(model, plan, seed=0):
+    """Whether `plan` gives `model`'s logits on random ids, two rows with
+    different last positions."""
+    length = fixed_length(model) or 8
+    ids = np.random.default_rng(seed).integers(0, 2, size=(2, length)).astype(np.int32)
+    last = np.array([length - 1, length // 2], np.int32)
+    try:
+        want = tf.gather(call_model(model, tf.constant(ids), True), last, batch_dims=1)
+        got = plan(tf.constant(ids), tf.constant(last))
+    except Exception as error:  # pylint: disable=broad-except
+        LOG.debug("model %r: the last-position plan does not run (%s)", model.name, error)
+        return False
+    want, got = (np.asarray(tf.cast(x, tf.float32)) for x in (want, got))
+    if want.shape != got.shape or float(np.max(np.abs(want - got))) > tolerance(model, want):
+        LOG.warning("model %r: its layers on the last position alone do not give its logits; "
+                    "the whole sequence runs", model.name)
+        return False
+    return True
 
 
 def tolerance(model, reference):
@@ -415,8 +585,8 @@ def check_litert(functions, litert, max_length, vocabulary_size, fixed=None, see
             ids = rng.integers(0, vocabulary_size, size=(rows, width)).astype(np.int32)
             last = rng.integers(0, width, size=rows).astype(np.int32)
             greedy, logits = litert(ids, last)
-            _, want = last_logits(functions.model, (functions.body, functions.head),
-                                  tf.constant(ids), tf.constant(last), functions.any_length)
+            _, want = last_logits(functions.model, functions.plan, tf.constant(ids),
+                                  tf.constant(last), functions.any_length)
             want = want.numpy()  # run eagerly: no compilation for a check
             allowed = tolerance(functions.model, want)
             change = float(np.max(np.abs(logits - want)))
