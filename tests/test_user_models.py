@@ -385,6 +385,25 @@ def test_a_layer_that_mixes_positions_runs_on_the_whole_sequence():
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_tensorflow_element_wise_ops_run_at_the_last_position():
+    """`x + attention` and `tf.nn.gelu(x)` written on Keras tensors (TFOpLambda
+    layers) run on the last position; `tf.cumsum` does not."""
+    keras.utils.set_random_seed(6)
+    inputs = keras.layers.Input(shape=(None,))  # float ids, as many users write them
+    x = keras.layers.Embedding(VOCAB, 16)(inputs)
+    x = x + keras.layers.MultiHeadAttention(2, 8, name="attention")(x, x, use_causal_mask=True)
+    x = tf.nn.gelu(keras.layers.Dense(32, name="up")(x) * 0.5)
+    x = keras.layers.Dense(16, name="down")(x)
+    model = keras.Model(inputs, keras.layers.Dense(VOCAB, name="head")(x))
+    plan = last_position_plan(model)
+    assert _at_last(plan)[0] == "attention" and len(_at_last(plan)) == 7
+    got, want = _plan_logits(model, plan)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    summed = keras.Model(inputs, keras.layers.Dense(VOCAB, name="head_2")(
+        tf.cumsum(model.get_layer("down").output, axis=1)))
+    assert _at_last(last_position_plan(summed)) == ["head_2"]
+
+
 def test_a_model_with_a_keras_mask_runs_whole():
     """Masks (mask_zero) travel with tensors: no layer runs on one position."""
     keras.utils.set_random_seed(5)

@@ -112,6 +112,11 @@ _POSITIONWISE = (tf.keras.layers.Dense, tf.keras.layers.LayerNormalization,
                  tf.keras.layers.Activation, tf.keras.layers.Dropout, tf.keras.layers.ReLU,
                  tf.keras.layers.Add, tf.keras.layers.Subtract, tf.keras.layers.Multiply,
                  tf.keras.layers.Average, tf.keras.layers.Maximum, tf.keras.layers.Minimum)
+# TensorFlow ops called on Keras tensors (`x + attention`, `tf.nn.gelu(x)`:
+# `TFOpLambda` layers) that act element by element, by their symbol.
+_ELEMENTWISE_OPS = frozenset({
+    "__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
+    "math.divide", "nn.relu", "nn.gelu", "nn.silu", "math.sigmoid", "math.tanh"})
 _MHA = tf.keras.layers.MultiHeadAttention
 _MHA_ARGUMENTS = ("query", "value", "key", "attention_mask", "return_attention_scores",
                   "training", "use_causal_mask")
@@ -146,8 +151,9 @@ class LastPositionPlan:
     adds, norms and MLP need that position only: the attention reads every
     position's keys and values and the last one's query (the causal mask
     becomes "positions up to `last`"). Which layers can: the ones in
-    `_POSITIONWISE` on `(batch, time, features)` tensors; anything else runs
-    on the whole sequence. The same layers and weights, called as the
+    `_POSITIONWISE` and the element-wise TensorFlow ops of `_ELEMENTWISE_OPS`
+    on `(batch, time, features)` tensors; anything else runs on the whole
+    sequence. The same layers and weights, called as the
     Functional model calls them; `last_position_plan` checks the result
     against the model.
 
@@ -222,7 +228,14 @@ def _runs_at_last(node, attention):
                 and not call.get("return_attention_scores")
                 and _batch_sequences([t for t in (call.get("query"), call.get("value"),
                                                   call.get("key")) if t is not None]))
-    if type(layer) not in _POSITIONWISE:  # pylint: disable=unidiomatic-typecheck
+    if type(layer).__name__ == "TFOpLambda":
+        if getattr(layer, "symbol", None) not in _ELEMENTWISE_OPS:
+            return False
+        tensors = {id(t) for t in node.keras_inputs}  # the rest: scalars and options only
+        if not all(id(a) in tensors or isinstance(a, (bool, int, float, str, type(None)))
+                   for a in tf.nest.flatten((node.call_args, node.call_kwargs))):
+            return False
+    elif type(layer) not in _POSITIONWISE:  # pylint: disable=unidiomatic-typecheck
         return False  # a subclass may mix positions
     if isinstance(layer, tf.keras.layers.LayerNormalization):
         if any(axis not in (-1, 2) for axis in layer.axis):
