@@ -123,22 +123,15 @@ _MHA_ARGUMENTS = ("query", "value", "key", "attention_mask", "return_attention_s
 
 
 class _Each(dict):
-    """`node.map_arguments`' lookup (it pops one value per use): the same
-    value for every use."""
-
-    class _Value:  # pylint: disable=too-few-public-methods
-        def __init__(self, value):
-            self.value = value
-
-        def pop(self):
-            return self.value
+    """`node.map_arguments`' lookup, which pops one value per use from a
+    list: the same value, as often as it is used."""
 
     def __init__(self, lookup):
         super().__init__()
         self._lookup = lookup
 
     def __getitem__(self, tensor_id):
-        return self._Value(self._lookup(tensor_id))
+        return [self._lookup(tensor_id)]
 
 
 class LastPositionPlan:
@@ -153,9 +146,8 @@ class LastPositionPlan:
     becomes "positions up to `last`"). Which layers can: the ones in
     `_POSITIONWISE` and the element-wise TensorFlow ops of `_ELEMENTWISE_OPS`
     on `(batch, time, features)` tensors; anything else runs on the whole
-    sequence. The same layers and weights, called as the
-    Functional model calls them; `last_position_plan` checks the result
-    against the model.
+    sequence. The same layers and weights, called as the Functional model
+    calls them; `last_position_plan` checks the result against the model.
 
     Args:
         model: a Functional causal LM with one input and one output.
@@ -165,15 +157,16 @@ class LastPositionPlan:
     def __init__(self, model, last_nodes):
         self.model = model
         self.last_nodes = frozenset(last_nodes)
-        self.nodes = [node for depth in sorted(model._nodes_by_depth, reverse=True)  # pylint: disable=protected-access
-                      for node in model._nodes_by_depth[depth] if not node.is_input]  # pylint: disable=protected-access
+        graph = model._nodes_by_depth  # pylint: disable=protected-access
+        self.nodes = [node for depth in sorted(graph, reverse=True)  # producers first
+                      for node in graph[depth] if not node.is_input]
         self.input_id, self.output_id = str(id(model.inputs[0])), str(id(model.outputs[0]))
 
     def __call__(self, token_ids, last):
         """The logits `(B, V)` at position `last[b]` of each row of `token_ids (B, T)`."""
         model = self.model
-        whole = {self.input_id: model._conform_to_reference_input(  # pylint: disable=protected-access
-            token_ids, ref_input=model.inputs[0])}
+        conform = model._conform_to_reference_input  # pylint: disable=protected-access
+        whole = {self.input_id: conform(token_ids, ref_input=model.inputs[0])}  # as Functional
         at_last = {}
 
         def last_of(tensor_id):  # (B, 1, ...)
