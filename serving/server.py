@@ -12,6 +12,7 @@ standard `grpc.health.v1` health service (SERVING once warmed up).
 
 import argparse
 import concurrent.futures
+import ctypes
 import dataclasses
 import hmac
 import json
@@ -1289,7 +1290,27 @@ def _channel_arguments(text):
     return options
 
 
+# glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(count=2):
+    """Let the process's threads share `count` malloc arenas (glibc gives
+    each thread that contends for malloc one of its own, up to eight per
+    core, each keeping the pages it freed): the int8 SmolLM2 server's peak
+    at 16 streams was 474 MB with glibc's default and 469 with two. Where
+    `MALLOC_ARENA_MAX` is set, glibc has read it and it stands. Returns
+    whether the limit was set."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, int(count)))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def main(argv=None):
+    limit_malloc_arenas()  # before any thread is started
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -269,7 +269,8 @@ def _caches_zero(runner, signatures=None, outputs=False):
 
 def test_cache_memory_follows_the_positions_written(long_cache):
     # 8 sequences of about 40 positions take a few percent of the 8-row
-    # cache, and the 1-row cache the batch moved off is handed back, zeroed.
+    # cache, and the 1-row cache the batch moved off is handed back, zeroed,
+    # its outputs too, and so are the prefill's after each prompt.
     path, expected = long_cache
     backend = LiteRTBackend(path, num_threads=1)
     runner = backend.runner
@@ -282,8 +283,11 @@ def test_cache_memory_follows_the_positions_written(long_cache):
     assert tokens == expected
     assert backend.active is big
     assert grown < 0.25 * cache_bytes, (grown, cache_bytes)  # 100% when the caches were zeroed by writing
-    one_row = runner.signatures["decode_b1"]
-    assert one_row.allocated and _caches_zero(runner, [one_row])
+    one_row = runner.signatures["decode_b1"]  # moved off: its caches and outputs handed back
+    assert one_row.allocated and _caches_zero(runner, [one_row], outputs=True)
+    prefill = runner.signatures["prefill"]  # its logits handed back after each prompt
+    assert prefill.allocated and _caches_zero(runner, [prefill], outputs=True)
+    assert big.views["logits"].any()  # the running batch's own are kept
 
 
 def test_an_idle_engine_hands_its_cache_memory_back(long_cache):

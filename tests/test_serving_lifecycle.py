@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -440,3 +441,39 @@ def test_reload_over_the_memory_budget_retires_first_and_fails_no_request(tmp_pa
     finally:
         stop.set()
         server.drain(0)
+
+
+ARENAS = """
+import ctypes, sys, threading
+from keras_llm.serving.server import limit_malloc_arenas
+print(limit_malloc_arenas())
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+threads = [threading.Thread(target=libc.malloc, args=(4096,)) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc.fopen.restype = ctypes.c_void_p
+out = libc.fopen(sys.argv[1].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(out))
+libc.fclose(ctypes.c_void_p(out))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "4"])
+def test_the_server_shares_two_malloc_arenas_between_its_threads(preset, tmp_path):
+    """`keras-llm serve` lets its threads share two malloc arenas (glibc
+    gives each new thread its own otherwise, each keeping its freed pages);
+    a MALLOC_ARENA_MAX the user set stands."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if preset:
+        env["MALLOC_ARENA_MAX"] = preset
+    info = tmp_path / "malloc_info.xml"
+    out = subprocess.run([sys.executable, "-c", ARENAS, str(info)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    heaps = info.read_text().count("<heap nr=")
+    if preset:
+        assert out.split()[-1] == "False" and 2 < heaps <= 4
+    else:
+        assert out.split()[-1] == "True" and heaps <= 2
