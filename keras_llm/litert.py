@@ -21,6 +21,9 @@ bound.
   int8 weights.
 - `prefill`: the same for one row of `T` tokens, with logits for every
   position (for prompts and for teacher-forced scoring).
+- `prefill_s{T}`: the same over a cache of `T` positions, for a prompt that
+  fits in one call: it has no past, and attending over the full cache's
+  (masked) positions was about a third of the prefill's work for SmolLM2.
 - `verify` and `verify_s{L}` (with `verify_length`): the same for a few
   tokens, at about the cost of one decode step: how speculative decoding
   checks a draft model's guesses (`keras_llm.runtime.speculative`).
@@ -285,6 +288,8 @@ def _step_functions(model, max_length, batch_sizes, prefill_length, lengths=(), 
             add(f"decode_b{batch}" + (f"_s{cache_length}" if cache_length < max_length else ""),
                 batch, 1, cache_length)
     add("prefill", 1, prefill_length, max_length)
+    if prefill_length < max_length:  # a prompt's only chunk: no past to attend over
+        add(f"prefill_s{prefill_length}", 1, prefill_length, prefill_length)
     for cache_length in (*lengths, max_length) if verify_length else ():
         add("verify" + (f"_s{cache_length}" if cache_length < max_length else ""),
             1, verify_length, cache_length)
@@ -496,10 +501,11 @@ def convert(model, path, quantization=None, smooth_alpha=0.5, max_length=512,
         _write(path, flatbuffer)
         done(0.3)
         return path
-    # One file per signature, the prefill's first: an interpreter prepares
+    # One file per signature, the prefills' first: an interpreter prepares
     # (packs the weights of) every signature of its file at once, so a
     # process pays only for the files it uses (a short answer: one).
-    groups = [["prefill"]] + [[n] for n in steps if n != "prefill"]
+    prefills = [n for n in steps if n.startswith("prefill")]
+    groups = [prefills] + [[n] for n in steps if n not in prefills]
     stem = path[:-len(".tflite")] if path.endswith(".tflite") else path
     paths = [path] + [f"{stem}.{group[0]}.tflite" for group in groups[1:]]
     for target, data in zip(paths, split_signatures(flatbuffer, groups)):

@@ -58,7 +58,23 @@ def _greedy_reference(model, prompt, count):
 def test_signatures_and_shapes(runner):
     assert runner.batch_sizes == [1, 2, 4]
     assert (runner.max_length, runner.prefill_length, runner.num_layers) == (MAX_LENGTH, 16, 2)
-    assert set(runner.signatures) == {"prefill", "decode_b1", "decode_b2", "decode_b4"}
+    assert set(runner.signatures) == {"prefill", "prefill_s16", "decode_b1", "decode_b2",
+                                      "decode_b4"}
+    assert runner.first_chunk is runner.signatures["prefill_s16"]
+    assert runner.first_chunk.length == 16 and runner.signatures["prefill"].length == MAX_LENGTH
+
+
+def test_a_prompt_of_one_call_runs_on_the_short_cache_prefill(runner):
+    """A prompt that fits in one prefill call has no past: it runs on
+    `prefill_s16` (16 cache positions, not 64) with the full prefill's logits."""
+    ids = list(range(3, 15))
+    short = runner.prefill(ids)
+    assert runner.first_chunk.allocated
+    first, runner.first_chunk = runner.first_chunk, None
+    try:
+        np.testing.assert_allclose(runner.prefill(ids), short, atol=1e-5)
+    finally:
+        runner.first_chunk = first
 
 
 def test_teacher_forced_logits_match_the_model_across_prefill_chunks(model, runner):
@@ -102,7 +118,7 @@ def bucket_runner(bucket_file):
 
 def test_shorter_caches_are_signatures_of_their_own(bucket_runner):
     assert set(bucket_runner.signatures) == {
-        "prefill", "decode_b1_s16", "decode_b1_s32", "decode_b1", "decode_b4_s16",
+        "prefill", "prefill_s16", "decode_b1_s16", "decode_b1_s32", "decode_b1", "decode_b4_s16",
         "decode_b4_s32", "decode_b4"}
     assert bucket_runner.lengths == [16, 32, MAX_LENGTH]
     assert bucket_runner.decoder(3, 20) is bucket_runner.signatures["decode_b4_s32"]
@@ -388,7 +404,7 @@ def test_export_records_the_litert_file(litert_server):
     assert all(os.path.isfile(os.path.join(path, f)) for f in files)
     runner = litert.LiteRTRunner([os.path.join(path, f) for f in files], num_threads=1)
     caches = ("_s24", "_s48", "")
-    assert set(runner.signatures) == ({"prefill"} | {f"verify{s}" for s in caches}
+    assert set(runner.signatures) == ({"prefill", "prefill_s64"} | {f"verify{s}" for s in caches}
                                       | {f"decode_b{b}{s}" for b in (1, 2, 4) for s in caches})
 
 
@@ -437,7 +453,7 @@ def test_split_files_hold_only_their_signatures_and_give_the_same_results(model,
         "split.decode_b2_s32.tflite", "split.decode_b2.tflite"]
     listed = {os.path.basename(p): set(Interpreter(model_path=p).get_signature_list())
               for p in paths}
-    assert listed["split.tflite"] == {"prefill"}
+    assert listed["split.tflite"] == {"prefill", "prefill_s16"}
     assert listed["split.decode_b1_s32.tflite"] == {"decode_b1_s32"}
     assert listed["split.decode_b2.tflite"] == {"decode_b2"}
     # A decode-only file carries the weights once, not the whole file's.
@@ -469,7 +485,7 @@ def test_conversion_saves_only_the_weights_not_the_keras_model(model):
     children = {name for name, _ in holder._trackable_children().items()}  # pylint: disable=protected-access
     assert children == {"weights"}
     assert len(holder.weights) == len(model.weights)
-    assert set(functions) == {"decode_b1", "prefill"}
+    assert set(functions) == {"decode_b1", "prefill", "prefill_s16"}
 
 
 def test_conversion_reports_its_progress_in_stages_adding_up_to_one(model, tmp_path):

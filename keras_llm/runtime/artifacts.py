@@ -43,7 +43,8 @@ EXPORT_METADATA = os.path.join("assets", "keras_llm.json")
 QUANTIZED_LITERT = ("int8", "int4")
 # One file holding every signature over one set of weights (XNNPACK's weights
 # cache packs them once for all; `keras_llm.runtime.litert`).
-LITERT_LAYOUT = 4
+# 5: a prefill over a short cache for prompts that fit in one call.
+LITERT_LAYOUT = 5
 # What a LiteRT file holds by default, for a model directory and for an
 # export alike (so an export copies the file its model already has): decode
 # steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,

@@ -317,6 +317,8 @@ class LiteRTRunner:
         self.prefill_length = prefill.shape("tokens")[1]
         _, self.num_key_value_heads, self.max_length, self.head_dim = prefill.shape("k_0")
         self.num_layers = sum(name.startswith("k_") for name in prefill._inputs)  # pylint: disable=protected-access
+        # a prompt that fits in one call attends over no past: a short cache
+        self.first_chunk = self.signatures.get(f"prefill_s{self.prefill_length}")
         self.verifiers = sorted((sig for key, sig in self.signatures.items()
                                  if key.startswith("verify")), key=lambda sig: sig.length)
         self.verify_length = self.verifiers[0].shape("tokens")[1] if self.verifiers else 0
@@ -390,8 +392,9 @@ class LiteRTRunner:
         if not 0 < len(ids) <= self.max_length - start:
             raise ValueError(f"sequence of {len(ids)} tokens from position {start}; this file "
                              f"holds {self.max_length} positions")
-        step = self.ready(self.signatures["prefill"])
         width = self.prefill_length
+        step = self.ready(self.first_chunk if start == 0 and len(ids) <= width
+                          and self.first_chunk is not None else self.signatures["prefill"])
         pieces = []
         for first in range(0, len(ids), width):
             chunk = ids[first:first + width]
