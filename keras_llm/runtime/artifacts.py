@@ -48,9 +48,10 @@ LITERT_LAYOUT = 5
 # What a LiteRT file holds by default, for a model directory and for an
 # export alike (so an export copies the file its model already has): decode
 # steps for 1, 4 and 16 sequences over a 256- and a 1,024-position cache,
-# a 64-token prefill and an 8-token verify step (speculative decoding).
+# a 64-token prefill (and one over a 64-position cache, for prompts of one
+# call) and an 8-token verify step (speculative decoding).
 # Signatures are prepared on first use, so one answer from the CLI pays for
-# the two it runs, not for all eight.
+# the two it runs, not for all ten.
 DEFAULT_LITERT = {"max_length": 1024, "batch_sizes": [1, 4, 16], "lengths": [256],
                   "prefill_length": 64, "verify_length": 8}
 
