@@ -23,7 +23,8 @@ bound.
   position (for prompts and for teacher-forced scoring).
 - `prefill_s{T}`: the same over a cache of `T` positions, for a prompt that
   fits in one call: it has no past, and attending over the full cache's
-  (masked) positions was about a third of the prefill's work for SmolLM2.
+  (masked) positions was about 40% of SmolLM2's int8 prefill time (92 to
+  54 ms for 32 tokens) and a quarter of its float32 one's.
 - `verify` and `verify_s{L}` (with `verify_length`): the same for a few
   tokens, at about the cost of one decode step: how speculative decoding
   checks a draft model's guesses (`keras_llm.runtime.speculative`).

@@ -1296,8 +1296,8 @@ _M_ARENA_MAX = -8
 
 def limit_malloc_arenas(count=2):
     """Let the process's threads share `count` malloc arenas (glibc gives
-    each thread that contends for malloc one of its own, up to eight per
-    core, each keeping the pages it freed): the int8 SmolLM2 server's peak
+    each new thread one of its own, up to eight per core, each keeping the
+    pages it freed): the int8 SmolLM2 server's peak
     at 16 streams was 474 MB with glibc's default and 469 with two. Where
     `MALLOC_ARENA_MAX` is set, glibc has read it and it stands. Returns
     whether the limit was set."""
