@@ -449,7 +449,15 @@ from keras_llm.serving.server import limit_malloc_arenas
 print(limit_malloc_arenas())
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
-threads = [threading.Thread(target=libc.malloc, args=(4096,)) for _ in range(6)]
+together = threading.Barrier(6)  # all alive at once: an exited thread's arena is reused
+
+
+def allocate():
+    libc.malloc(4096)
+    together.wait()
+
+
+threads = [threading.Thread(target=allocate) for _ in range(6)]
 for t in threads:
     t.start()
 for t in threads:
