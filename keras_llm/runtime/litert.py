@@ -503,7 +503,7 @@ class LiteRTBackend(Backend):
             if self.active is not None:
                 self.runner.move_cache(self.active, chosen, self.active.batch_size,
                                        self.active.length)
-                self.runner.discard_cache(self.active, outputs=True)  # its logits too
+                self.runner.discard_outputs(self.active)  # its caches went as they moved
             self.active = chosen
         return chosen
 
